@@ -1,0 +1,11 @@
+"""Train and evaluate the MNIST classifier: ``python main.py fit --config config.yaml`` (see README.md)."""
+
+from mnist.cli import run_cli
+
+
+def cli_main(args=None) -> None:
+    run_cli(args)
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,1 @@
+"""MNIST classification with PyTorch Lightning, configured through LightningCLI."""

@@ -1,0 +1,150 @@
+"""The command line: ``LightningCLI`` with run directories, checkpoint lookup and one-line errors.
+
+python main.py fit --config config.yaml
+python main.py test --ckpt_path best
+"""
+
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+from jsonargparse import Namespace, lazy_instance
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from mnist import runs
+from mnist.callbacks import PredictionCSVWriter
+from mnist.data import MNISTDataModule
+from mnist.errors import UserError
+from mnist.model import MNISTClassifier
+
+DEBUG_ENV = "MNIST_DEBUG"
+
+# The CSV writer takes each sample's index from the loader's sampler, not from Lightning's batch indices.
+warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the exact config of every command into its run directory, never over an earlier one.
+
+    A resumed ``fit`` or a second ``test`` of the same run writes ``config-1.yaml``, ``config-2.yaml``, ...
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        log_dir = Path(trainer.log_dir)
+        name = None
+        if trainer.is_global_zero:
+            name, n = "config.yaml", 0
+            while (log_dir / name).exists():
+                n += 1
+                name = f"config-{n}.yaml"
+        self.config_filename = trainer.strategy.broadcast(name)
+        super().setup(trainer, pl_module, stage)
+
+
+class MNISTCLI(LightningCLI):
+    """LightningCLI for this project; see the module docstring for how to run it."""
+
+    def __init__(self, args=None, **kwargs) -> None:
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
+        kwargs.setdefault(
+            "trainer_defaults",
+            {
+                "logger": lazy_instance(TensorBoardLogger, save_dir="logs", name="mnist", default_hp_metric=False),
+                "callbacks": [PredictionCSVWriter()],
+            },
+        )
+        # The optimizer and scheduler are the model's own typed arguments (--model.optimizer), so the CLI's
+        # generic top-level --optimizer / --lr_scheduler would only be a second way to say the same thing.
+        kwargs.setdefault("auto_configure_optimizers", False)
+        # The same seed as config.yaml, also for commands run without it (`python main.py test --ckpt_path ...`).
+        kwargs.setdefault("seed_everything_default", 42)
+        super().__init__(MNISTClassifier, MNISTDataModule, args=args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "epoch{epoch:02d}-val_loss{val/loss:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        logger = _tensorboard_logger_args(config)
+        runs_root = _runs_root(config, logger)
+        if ckpt_path in ("best", "last"):
+            run = runs.newest_run_with_checkpoints(runs_root)
+            path = runs.best_checkpoint(run) if ckpt_path == "best" else runs.last_checkpoint(run)
+            print(f"Using the {ckpt_path} checkpoint of {run}: {path}", file=sys.stderr)
+            config.ckpt_path = str(path)
+        path = Path(config.ckpt_path)
+        runs.check_checkpoint(path)
+        run_dir = path.parent.parent
+        if (
+            logger is not None
+            and path.parent.name == "checkpoints"
+            and runs.run_version(run_dir) is not None
+            and run_dir.parent.resolve() == runs_root.resolve()
+        ):
+            # Continue the checkpoint's own run: a resumed fit extends its curves, and an evaluation lands in a
+            # sub-directory of it (`version_N/test`) so that its step-0 points never mix with the training curves.
+            logger.version = runs.run_version(run_dir)
+            if subcommand != "fit":
+                logger.sub_dir = subcommand
+
+    def before_fit(self) -> None:
+        if self.trainer.is_global_zero and self.trainer.logger is not None:
+            print(f"Run directory: {self.trainer.log_dir}", file=sys.stderr)
+
+    def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and callback.best_model_path:
+            print(f"Best checkpoint: {callback.best_model_path}", file=sys.stderr)
+        if self.trainer.logger is not None:
+            print(f"Run directory: {self.trainer.log_dir}", file=sys.stderr)
+            print(f"Curves: tensorboard --logdir {Path(self.trainer.log_dir).parent.parent}", file=sys.stderr)
+
+
+def _tensorboard_logger_args(config: Namespace) -> Namespace | None:
+    """The init_args of the configured TensorBoardLogger, editable in place; None for any other logger."""
+    logger = config.trainer.get("logger")
+    if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        return logger.init_args
+    return None
+
+
+def _runs_root(config: Namespace, logger: Namespace | None) -> Path:
+    if logger is not None:
+        return Path(logger.save_dir) / (logger.get("name") or "")
+    return Path(config.trainer.get("default_root_dir") or ".") / "lightning_logs"
+
+
+def run_cli(args=None) -> None:
+    """Run the command line; a `UserError` ends it with one line on stderr and exit code 1."""
+    try:
+        MNISTCLI(args=args)
+    except UserError as err:
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,175 @@
+"""MNIST as a LightningDataModule: torchvision finds, downloads and parses the files; batches come from memory."""
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+from torch.utils.data import random_split
+from torchvision.datasets import MNIST
+
+from mnist.errors import UserError
+from mnist.loader import BatchLoader, EpochSampler
+
+# name: (IDX type code and number of dimensions, shape of one item)
+IDX_FILES = {
+    "train-images-idx3-ubyte": (0x0803, (28, 28)),
+    "train-labels-idx1-ubyte": (0x0801, ()),
+    "t10k-images-idx3-ubyte": (0x0803, (28, 28)),
+    "t10k-labels-idx1-ubyte": (0x0801, ()),
+}
+HOW_TO_GET = (
+    "download them on a machine with internet access (python main.py fit --config config.yaml does it, "
+    "or fetch them from a MNIST mirror and gunzip them) and copy them there, "
+    "or point --data.data_dir at a folder that holds MNIST/raw/"
+)
+
+
+def check_idx_file(path: Path, type_and_ndim: int, item_shape: tuple[int, ...]) -> int:
+    """Check an IDX file's header against its size and return its number of items.
+
+    A checksum would reject a user's own correct copy; the header and the file size catch what actually
+    happens to these files: truncated downloads, HTML error pages saved under the file's name, mixed-up files.
+    """
+    with open(path, "rb") as f:
+        header = f.read(4 + 4 * (1 + len(item_shape)))
+    if len(header) < 8 or int.from_bytes(header[:4], "big") != type_and_ndim:
+        raise UserError(f"{path} is not an MNIST IDX file (wrong header); delete it and get it again")
+    count, *shape = (int.from_bytes(header[i : i + 4], "big") for i in range(4, len(header), 4))
+    if tuple(shape) != item_shape:
+        raise UserError(f"{path} holds items of shape {tuple(shape)}, expected {item_shape}")
+    expected = len(header) + count * max(1, torch.Size(item_shape).numel())
+    actual = path.stat().st_size
+    if actual != expected:
+        raise UserError(
+            f"{path} is {actual} bytes but its header promises {expected}: "
+            "it is truncated or corrupted; delete it and get it again"
+        )
+    return count
+
+
+class MNISTDataModule(pl.LightningDataModule):
+    """MNIST: 60,000 training images split into training and validation sets, and 10,000 test images.
+
+    Args:
+        data_dir: Folder holding ``MNIST/raw/`` (created when downloading).
+        batch_size: Samples per training batch.
+        val_size: Training images held out for validation.
+        num_workers: Threads PyTorch may use to load and normalise the data set; 0 leaves PyTorch's default.
+            Batches themselves are served from memory by the main process.
+        download: Download MNIST into ``data_dir`` when it is not there yet.
+        seed: Seed of the train/validation split and of the shuffling order, independent of the global seed so
+            that runs with different model seeds see the same data.
+        mean: Mean pixel value (in [0, 1]) subtracted from every image.
+        std: Standard deviation every image is divided by after subtracting ``mean``.
+        eval_batch_size: Samples per validation, test and prediction batch; ``batch_size`` when not given.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: PositiveInt = 32,
+        val_size: PositiveInt = 5000,
+        num_workers: NonNegativeInt = 0,
+        download: bool = True,
+        seed: int = 42,
+        mean: float = 0.1307,
+        std: PositiveFloat = 0.3081,
+        eval_batch_size: PositiveInt | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.raw_dir = Path(data_dir) / "MNIST" / "raw"
+        self.train_images = self.train_labels = None
+        self.val_images = self.val_labels = None
+        self.test_images = self.test_labels = None
+
+    @property
+    def num_classes(self) -> int:
+        return 10
+
+    def _missing_files(self) -> list[Path]:
+        return [self.raw_dir / name for name in IDX_FILES if not (self.raw_dir / name).is_file()]
+
+    def _check_files(self) -> dict[str, int]:
+        missing = self._missing_files()
+        if missing:
+            names = ", ".join(p.name for p in missing)
+            hint = "" if self.hparams.download else " (downloading is off: --data.download false)"
+            raise UserError(f"MNIST not found{hint}: expected {names} in {self.raw_dir}/; {HOW_TO_GET}")
+        return {name: check_idx_file(self.raw_dir / name, *spec) for name, spec in IDX_FILES.items()}
+
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node, so the download never races with itself.
+        if self._missing_files() and self.hparams.download:
+            try:
+                for train in (True, False):
+                    MNIST(self.hparams.data_dir, train=train, download=True)
+            except Exception as err:  # torchvision raises several types for one cause: no network
+                raise UserError(
+                    f"could not download MNIST into {self.raw_dir}/ ({type(err).__name__}: {err}). "
+                    f"Expected {', '.join(IDX_FILES)} there; {HOW_TO_GET}"
+                ) from err
+        self._check_files()
+
+    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images of one MNIST file, normalised, ``(N, 1, 28, 28)`` float32, and their labels ``(N,)``."""
+        dataset = MNIST(self.hparams.data_dir, train=train, download=False)
+        images = dataset.data.unsqueeze(1)  # (N, 28, 28) uint8 -> (N, 1, 28, 28)
+        labels = dataset.targets
+        if labels.numel() and int(labels.max()) >= self.num_classes:
+            name = "train" if train else "t10k"
+            raise UserError(f"{self.raw_dir / name}-labels-idx1-ubyte holds labels above 9; get it again")
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        images = images.to(device).float().div_(255).sub_(self.hparams.mean).div_(self.hparams.std)
+        return images, labels.to(device)
+
+    def setup(self, stage: str) -> None:
+        counts = self._check_files()
+        if self.hparams.num_workers:
+            torch.set_num_threads(self.hparams.num_workers)
+        if stage in ("fit", "validate") and self.train_images is None:
+            n_train = counts["train-images-idx3-ubyte"]
+            if self.hparams.val_size >= n_train:
+                raise UserError(
+                    f"data.val_size ({self.hparams.val_size}) must be smaller than the "
+                    f"{n_train} training images in {self.raw_dir}/"
+                )
+            images, labels = self._load(train=True)
+            # A generator of its own: the split stays the same whatever the global seed.
+            generator = torch.Generator().manual_seed(self.hparams.seed)
+            train, val = random_split(
+                range(n_train), [n_train - self.hparams.val_size, self.hparams.val_size], generator
+            )
+            train_idx = torch.tensor(train.indices, device=labels.device)
+            val_idx = torch.tensor(val.indices, device=labels.device)
+            self.train_images, self.train_labels = images[train_idx], labels[train_idx]
+            self.val_images, self.val_labels = images[val_idx], labels[val_idx]
+        if stage in ("test", "predict") and self.test_images is None:
+            self.test_images, self.test_labels = self._load(train=False)
+
+    def _distributed(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _eval_loader(self, images: torch.Tensor, labels: torch.Tensor) -> BatchLoader:
+        rank, world_size = self._distributed()
+        sampler = EpochSampler(len(labels), shuffle=False, rank=rank, world_size=world_size)
+        return BatchLoader(images, labels, self.hparams.eval_batch_size or self.hparams.batch_size, sampler)
+
+    def train_dataloader(self) -> BatchLoader:
+        rank, world_size = self._distributed()
+        sampler = EpochSampler(
+            len(self.train_labels), shuffle=True, seed=self.hparams.seed, rank=rank, world_size=world_size, even=True
+        )
+        return BatchLoader(self.train_images, self.train_labels, self.hparams.batch_size, sampler)
+
+    def val_dataloader(self) -> BatchLoader:
+        return self._eval_loader(self.val_images, self.val_labels)
+
+    def test_dataloader(self) -> BatchLoader:
+        return self._eval_loader(self.test_images, self.test_labels)
+
+    def predict_dataloader(self) -> BatchLoader:
+        return self._eval_loader(self.test_images, self.test_labels)

@@ -1,0 +1,92 @@
+"""Batches served straight from tensors in memory: one indexing operation per batch, no per-sample work.
+
+For MNIST the whole data set is 220 MB as float32, so a `DataLoader` that converts one PIL image at a time and
+collates 32 of them per step costs far more than the network itself.
+"""
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+
+class EpochSampler:
+    """The order in which one process visits a data set in one epoch.
+
+    Shuffled orders are a function of ``(seed, epoch)`` alone, so a resumed run sees the same batches as an
+    uninterrupted one. With several processes, process ``rank`` takes every ``world_size``-th index of the order;
+    for training each takes the same count, so that all processes run the same number of steps.
+
+    Args:
+        size: Number of samples in the data set.
+        shuffle: Whether to visit the samples in a new random order every epoch.
+        seed: Seed of the shuffled order.
+        rank: Index of this process among all training processes.
+        world_size: Number of training processes.
+        even: Give every process the same number of samples, dropping at most ``world_size - 1`` per epoch.
+    """
+
+    def __init__(
+        self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, even: bool = False
+    ) -> None:
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world_size, self.even = rank, world_size, even
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        # Lightning calls this on `loader.sampler` at the start of every training epoch.
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.even:
+            return self.size // self.world_size
+        return len(range(self.rank, self.size, self.world_size))
+
+    def indices(self) -> torch.Tensor:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.arange(self.size)
+        return order[self.rank :: self.world_size][: len(self)]
+
+
+class BatchLoader:
+    """An iterable of ``(images, labels)`` batches taken from in-memory tensors, on whatever device they live.
+
+    Args:
+        images: All images of the data set, ``(N, 1, 28, 28)``.
+        labels: Their labels, ``(N,)``.
+        batch_size: Samples per batch.
+        sampler: The order of the samples; sequential over all of them when not given.
+        drop_last: Drop the last batch of an epoch when it is smaller than ``batch_size``.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        sampler: EpochSampler | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.sampler = sampler if sampler is not None else EpochSampler(len(labels), shuffle=False)
+        self.drop_last = drop_last
+
+    # Lightning calls `loader.sampler.set_epoch(epoch)` every epoch, and reads `batch_sampler` of any loader
+    # that has a `sampler`, as a DataLoader would.
+    batch_sampler = None
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.sampler.indices().to(self.labels.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.images[index], self.labels[index]

@@ -1,0 +1,137 @@
+"""The LightningModule: trains any network from ``mnist.networks`` with cross-entropy and logs its metrics."""
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from mnist.errors import UserError
+from mnist.networks import MLP
+
+
+def sgd(params) -> torch.optim.Optimizer:
+    """The tutorial's optimizer, used when none is configured: SGD with learning rate 0.01."""
+    return torch.optim.SGD(params, lr=0.01)
+
+
+class MNISTClassifier(pl.LightningModule):
+    """Classifies MNIST digits with a configurable network, optimizer and learning-rate schedule.
+
+    Args:
+        network: The network mapping images ``(B, 1, 28, 28)`` to logits ``(B, num_classes)``; the tutorial's
+            ``MLP`` when not given.
+        optimizer: Optimizer class and its arguments, e.g. ``--model.optimizer SGD --model.optimizer.lr 0.1``;
+            SGD with lr 0.01 when not given.
+        lr_scheduler: Optional learning-rate scheduler class and its arguments.
+        scheduler_interval: When the scheduler steps: after every ``epoch`` or every training ``step``.
+        num_classes: Number of classes the network predicts.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module | None = None,
+        optimizer: OptimizerCallable = sgd,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str = "epoch",
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if scheduler_interval not in ("epoch", "step"):
+            raise UserError(f"model.scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        self.network = network if network is not None else MLP(num_classes=num_classes)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        # One set of metric objects per stage, so that each is reset and synced across processes on its own.
+        # The loss is a weighted mean, so that it is exact with a smaller last batch and across processes.
+        metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes)})
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_loss", MeanMetric())
+            setattr(self, f"{stage}_metrics", metrics.clone(prefix=f"{stage}/"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        mean_loss, metrics = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_metrics")
+        mean_loss.update(loss.detach(), weight=y.numel())
+        metrics.update(logits.detach(), y)
+        if stage == "train":
+            # The step curve; Lightning writes it every `log_every_n_steps` and never syncs the host for it.
+            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        loss_name = "train/loss_epoch" if stage == "train" else f"{stage}/loss"
+        self.log(loss_name, mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch
+        probs = self(x).softmax(dim=1)
+        confidence, prediction = probs.max(dim=1)
+        return {"target": y, "prediction": prediction, "confidence": confidence}
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.hparams.scheduler_interval,
+                "monitor": "val/loss",
+            },
+        }
+
+    def on_fit_start(self) -> None:
+        # Lightning only fills TensorBoard's hparams tab with a placeholder `hp_metric`; declaring the real
+        # validation metrics makes the tab show each run's hyperparameters against its val/loss and val/acc.
+        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            params = _flatten({"model": dict(self.hparams), "data": dict(self.trainer.datamodule.hparams)})
+            writer = self.logger.experiment._get_file_writer()
+            for summary in hparams_summary(params, {"val/loss": 0.0, "val/acc": 0.0}):
+                writer.add_summary(summary)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning would fail later with a page of size mismatches; one line says what is wrong.
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+        if expected != found:
+            differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+            raise UserError(
+                f"the checkpoint's network does not match the configured one ({len(differ)} tensors differ, "
+                f"first {differ[0]}: checkpoint {found.get(differ[0])}, configured {expected.get(differ[0])}); "
+                "drop the --model settings or --config that change the network, or use a matching checkpoint"
+            )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Flatten nested hyperparameters to ``{"model.network.init_args.hidden_sizes": "[256, 128]", ...}``."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
