@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace, lazy_instance
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -25,6 +26,13 @@ DEBUG_ENV = "MNIST_DEBUG"
 
 # The CSV writer takes each sample's index from the loader's sampler, not from Lightning's batch indices.
 warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+
+
+class MNISTArgumentParser(LightningArgumentParser):
+    """Prints a one-line usage above a parse error instead of all ~80 options; ``--help`` still lists them."""
+
+    def print_usage(self, file=None) -> None:
+        print(f"usage: {self.prog.replace(' [options]', '')} [--help] [--config CONFIG] [--KEY VALUE ...]", file=file)
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -45,12 +53,16 @@ class RunConfigSaver(SaveConfigCallback):
                 name = f"config-{n}.yaml"
         self.config_filename = trainer.strategy.broadcast(name)
         super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero:
+            # Printed here, after the data module's setup, so that bad input fails before a run is announced.
+            print(f"Run directory: {log_dir} (config saved as {self.config_filename})", file=sys.stderr)
 
 
 class MNISTCLI(LightningCLI):
     """LightningCLI for this project; see the module docstring for how to run it."""
 
     def __init__(self, args=None, **kwargs) -> None:
+        kwargs.setdefault("parser_class", MNISTArgumentParser)
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault(
             "trainer_defaults",
@@ -110,10 +122,6 @@ class MNISTCLI(LightningCLI):
             if subcommand != "fit":
                 logger.sub_dir = subcommand
 
-    def before_fit(self) -> None:
-        if self.trainer.is_global_zero and self.trainer.logger is not None:
-            print(f"Run directory: {self.trainer.log_dir}", file=sys.stderr)
-
     def after_fit(self) -> None:
         if not self.trainer.is_global_zero:
             return
@@ -140,10 +148,14 @@ def _runs_root(config: Namespace, logger: Namespace | None) -> Path:
 
 
 def run_cli(args=None) -> None:
-    """Run the command line; a `UserError` ends it with one line on stderr and exit code 1."""
+    """Run the command line, turning the user's mistakes into one line on stderr instead of a traceback.
+
+    A `UserError` or a Lightning misconfiguration exits with code 1 (MNIST_DEBUG=1 shows the traceback);
+    jsonargparse's parse errors exit with code 2.
+    """
     try:
         MNISTCLI(args=args)
-    except UserError as err:
+    except (UserError, MisconfigurationException) as err:
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)

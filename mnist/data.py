@@ -106,8 +106,10 @@ class MNISTDataModule(pl.LightningDataModule):
                 for train in (True, False):
                     MNIST(self.hparams.data_dir, train=train, download=True)
             except Exception as err:  # torchvision raises several types for one cause: no network
+                # torchvision's message lists every mirror it tried; the last line holds the cause.
+                cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
                 raise UserError(
-                    f"could not download MNIST into {self.raw_dir}/ ({type(err).__name__}: {err}). "
+                    f"could not download MNIST into {self.raw_dir}/ ({cause}). "
                     f"Expected {', '.join(IDX_FILES)} there; {HOW_TO_GET}"
                 ) from err
         self._check_files()

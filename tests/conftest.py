@@ -1,0 +1,40 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fake_mnist import write_fake_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "config.yaml"
+N_TRAIN, N_TEST, VAL_SIZE = 600, 200, 100
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    """A data_dir with a small synthetic MNIST (600 training, 200 test images) in the real IDX format."""
+    data_dir = tmp_path_factory.mktemp("data")
+    write_fake_mnist(data_dir, n_train=N_TRAIN, n_test=N_TEST)
+    return data_dir
+
+
+@pytest.fixture
+def fast_args(mnist_dir) -> list[str]:
+    """The real config.yaml, on the synthetic data, shortened to seconds."""
+    return [
+        "--config", str(CONFIG),
+        "--data.data_dir", str(mnist_dir),
+        "--data.val_size", str(VAL_SIZE),
+        "--trainer.max_epochs", "2",
+        "--trainer.log_every_n_steps", "5",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+    ]  # fmt: skip
+
+
+def run_main(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``python main.py ARGS`` in a new process, as a user would."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )

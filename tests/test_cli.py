@@ -1,0 +1,173 @@
+"""End to end: the real config.yaml through main.py, on synthetic MNIST, shortened with small limits."""
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+import main
+from tests.conftest import CONFIG, N_TEST, run_main
+
+pytestmark = pytest.mark.slow
+
+
+def cli(args: list[str]) -> None:
+    """Run the command line in this process (seconds faster than a new one); pytest's own argv stays out."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["main.py"])
+        main.cli_main(args)
+
+
+def scalars(run_dir: Path) -> dict[str, list]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir):
+    """One 2-epoch fit in a fresh working directory, shared by the tests that only read its results."""
+    cwd = tmp_path_factory.mktemp("work")
+    args = [
+        "fit", "--config", str(CONFIG), "--data.data_dir", str(mnist_dir), "--data.val_size", "100",
+        "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "5", "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        cli(args)
+    return cwd
+
+
+def test_fit_writes_one_run_directory(trained):
+    run = trained / "logs" / "mnist" / "version_0"
+    assert sorted(p.name for p in (trained / "logs" / "mnist").iterdir()) == ["version_0"]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in names and any(n.startswith("epoch01-val_loss") for n in names)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["network"]["init_args"]["hidden_sizes"] == [256, 128]
+    assert config["data"]["batch_size"] == 32 and config["trainer"]["max_epochs"] == 2
+
+
+def test_tensorboard_has_the_curves_and_real_hparams_metrics(trained):
+    run = trained / "logs" / "mnist" / "version_0"
+    curves = scalars(run)
+    for tag in ("train/loss", "train/loss_epoch", "val/loss", "val/acc", "train/acc"):
+        assert tag in curves, sorted(curves)
+    assert any(tag.startswith("lr-SGD") for tag in curves)
+    assert len(curves["train/loss"]) >= 2 and len(curves["val/loss"]) == 2
+    assert "hp_metric" not in curves
+    events = EventAccumulator(str(run))
+    events.Reload()
+    experiment = events.PluginTagToContent("hparams")["_hparams_/experiment"]
+    plugin_data = plugin_data_pb2.HParamsPluginData.FromString(experiment)
+    metrics = {m.name.tag for m in plugin_data.experiment.metric_infos}
+    params = {h.name for h in plugin_data.experiment.hparam_infos}
+    assert metrics == {"val/loss", "val/acc"}
+    assert {"model.optimizer.init_args.lr", "data.batch_size"} <= params
+
+
+def test_test_in_a_new_process_from_best_without_config(trained, mnist_dir):
+    result = run_main(["test", "--ckpt_path", "best", "--data.data_dir", str(mnist_dir)], cwd=trained)
+    assert result.returncode == 0, result.stderr
+    assert "Using the best checkpoint of logs/mnist/version_0: logs/mnist/version_0/checkpoints/epoch" in result.stderr
+    assert "test/acc" in result.stdout and "test/loss" in result.stdout
+    assert "test/acc" in scalars(trained / "logs" / "mnist" / "version_0" / "test")
+
+
+@pytest.mark.parametrize("which", ["best", "last"])
+def test_validate_resolves_best_and_last(trained, mnist_dir, capsys, which):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(trained)
+        cli(["validate", "--config", str(CONFIG), "--ckpt_path", which, "--data.data_dir", str(mnist_dir),
+             "--data.val_size", "100", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    err = capsys.readouterr().err
+    expected = "last.ckpt" if which == "last" else "epoch01-val_loss"
+    assert f"Using the {which} checkpoint of logs/mnist/version_0: logs/mnist/version_0/checkpoints/{expected}" in err
+
+
+def test_predict_writes_a_csv_into_the_run(trained, mnist_dir, capsys):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(trained)
+        cli(["predict", "--config", str(CONFIG), "--ckpt_path", "best", "--data.data_dir", str(mnist_dir),
+             "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    out = capsys.readouterr().out
+    path = next((trained / "logs" / "mnist" / "version_0" / "predict").glob("predictions-*.csv"))
+    assert f"written to logs/mnist/version_0/predict/{path.name}" in out
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == ["index", "target", "prediction", "confidence"]
+    assert [int(r["index"]) for r in rows] == list(range(N_TEST))
+    from torchvision.datasets import MNIST
+
+    assert [int(r["target"]) for r in rows] == MNIST(str(mnist_dir), train=False).targets.tolist()
+    assert all(0.1 <= float(r["confidence"]) <= 1 for r in rows)
+    accuracy = sum(r["target"] == r["prediction"] for r in rows) / len(rows)
+    assert accuracy > 0.5, "two epochs on the synthetic digits should learn most of them"
+
+
+def test_second_fit_opens_a_new_run_and_resume_continues_it(tmp_path, fast_args, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "logs" / "mnist"
+    cli(["fit", *fast_args, "--trainer.max_epochs", "1"])
+    cli(["fit", *fast_args, "--trainer.max_epochs", "1"])
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    first_config = (runs / "version_0" / "config.yaml").read_text()
+    steps_before = max(s.step for s in scalars(runs / "version_1")["train/loss"])
+
+    cli(["fit", *fast_args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"], "resume opened a new run"
+    assert (runs / "version_0" / "config.yaml").read_text() == first_config
+    assert (runs / "version_1" / "config-1.yaml").is_file()
+    curves = scalars(runs / "version_1")
+    assert max(s.step for s in curves["train/loss"]) > steps_before
+    assert [s.step for s in curves["val/loss"]] == sorted({s.step for s in curves["val/loss"]})
+    assert len(curves["val/loss"]) == 2
+    last = torch.load(runs / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1
+
+
+def test_cnn_checkpoint_is_tested_as_a_cnn_without_config(tmp_path, fast_args, mnist_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cnn = ["--model.network", "mnist.networks.ConvNet", "--model.network.init_args.channels", "[4, 8]",
+           "--model.network.init_args.hidden_size", "16"]  # fmt: skip
+    cli(["fit", *fast_args, *cnn, "--trainer.max_epochs", "1"])
+    capsys.readouterr()
+    cli(["test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), "--trainer.enable_progress_bar", "false"])
+    assert "test/acc" in capsys.readouterr().out
+
+
+def test_optimizer_is_chosen_on_the_command_line_and_saved(tmp_path, fast_args, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", *fast_args, "--trainer.max_epochs", "1", "--model.optimizer", "Adam",
+         "--model.optimizer.init_args.lr", "0.002"])  # fmt: skip
+    last = torch.load(tmp_path / "logs/mnist/version_0/checkpoints/last.ckpt", weights_only=True)
+    saved = last["hyper_parameters"]["optimizer"]
+    assert saved["class_path"] == "torch.optim.Adam" and saved["init_args"]["lr"] == 0.002
+    assert last["optimizer_states"][0]["param_groups"][0]["lr"] == 0.002
+
+
+def test_help_shows_the_docstrings(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["fit", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("Training images held out for validation", "Samples per training batch",
+                 "Download MNIST into ``data_dir``", "--data.num_workers", "--model.optimizer"):  # fmt: skip
+        assert text in out
+
+
+def test_print_config_parses_back_to_itself(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli(["fit", "--config", str(CONFIG), "--print_config"])
+    printed = capsys.readouterr().out
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        cli(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == printed
+    config = yaml.safe_load(printed)
+    assert config["data"]["val_size"] == 5000 and config["data"]["batch_size"] == 32
+    assert config["model"]["optimizer"]["init_args"]["lr"] == 0.01 and config["trainer"]["max_epochs"] == 5

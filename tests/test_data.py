@@ -1,0 +1,117 @@
+import pytest
+import torch
+from torchvision import transforms
+from torchvision.datasets import MNIST
+
+from mnist.data import MNISTDataModule
+from mnist.errors import UserError
+from mnist.loader import BatchLoader, EpochSampler
+from tests.conftest import N_TEST, N_TRAIN, VAL_SIZE
+from tests.fake_mnist import write_fake_mnist
+
+
+def make_data(mnist_dir, **kwargs) -> MNISTDataModule:
+    data = MNISTDataModule(data_dir=str(mnist_dir), val_size=VAL_SIZE, download=False, **kwargs)
+    data.prepare_data()
+    data.setup("fit")
+    data.setup("test")
+    return data
+
+
+def test_split_sizes_shapes_and_dtypes(mnist_dir):
+    data = make_data(mnist_dir, batch_size=32)
+    assert len(data.train_labels) == N_TRAIN - VAL_SIZE
+    assert len(data.val_labels) == VAL_SIZE
+    assert len(data.test_labels) == N_TEST
+    x, y = next(iter(data.train_dataloader()))
+    assert x.shape == (32, 1, 28, 28) and x.dtype == torch.float32
+    assert y.shape == (32,) and y.dtype == torch.int64
+    assert len(data.train_dataloader()) == -(-(N_TRAIN - VAL_SIZE) // 32)
+
+
+def test_in_memory_batches_equal_torchvision_per_sample_path(mnist_dir):
+    """The fast path serves exactly what ToTensor + Normalize on each torchvision sample gives."""
+    data = make_data(mnist_dir)
+    per_sample = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    reference = MNIST(str(mnist_dir), train=False, transform=per_sample)
+    images, labels = zip(*(reference[i] for i in range(len(reference))), strict=True)
+    x, y = zip(*data.test_dataloader(), strict=True)
+    torch.testing.assert_close(torch.cat(x), torch.stack(images))
+    assert torch.equal(torch.cat(y), torch.tensor(labels))
+
+
+def test_normalisation_centres_the_data(mnist_dir):
+    data = make_data(mnist_dir, mean=0.5, std=0.25)
+    raw = MNIST(str(mnist_dir), train=False).data.float() / 255
+    torch.testing.assert_close(data.test_images.squeeze(1), (raw - 0.5) / 0.25)
+
+
+def test_split_is_independent_of_the_global_seed(mnist_dir):
+    torch.manual_seed(1)
+    first = make_data(mnist_dir)
+    torch.manual_seed(2)
+    second = make_data(mnist_dir)
+    assert torch.equal(first.val_images, second.val_images)
+    other_seed = make_data(mnist_dir, seed=7)
+    assert not torch.equal(first.val_images, other_seed.val_images)
+
+
+def test_every_training_sample_is_seen_once_per_epoch_in_a_new_order():
+    sampler = EpochSampler(103, shuffle=True, seed=3)
+    labels = torch.arange(103)
+    loader = BatchLoader(labels.float().view(-1, 1, 1, 1), labels, batch_size=10, sampler=sampler)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        seen = torch.cat([y for _, y in loader])
+        assert sorted(seen.tolist()) == list(range(103))
+        epochs.append(seen)
+    assert not torch.equal(epochs[0], epochs[1])
+    sampler.set_epoch(0)
+    assert torch.equal(torch.cat([y for _, y in loader]), epochs[0]), "the order is a function of (seed, epoch)"
+
+
+def test_processes_share_an_epoch_without_overlap():
+    ranks = [EpochSampler(100, shuffle=True, seed=3, rank=r, world_size=2, even=True) for r in range(2)]
+    a, b = (set(s.indices().tolist()) for s in ranks)
+    assert len(a) == len(b) == 50 and not a & b and a | b == set(range(100))
+
+
+def test_val_size_larger_than_the_training_set(mnist_dir):
+    data = MNISTDataModule(data_dir=str(mnist_dir), val_size=N_TRAIN, download=False)
+    with pytest.raises(UserError, match=f"val_size \\({N_TRAIN}\\) must be smaller than the {N_TRAIN} training"):
+        data.setup("fit")
+
+
+def test_missing_data_names_the_files_and_where(tmp_path):
+    data = MNISTDataModule(data_dir=str(tmp_path), download=False)
+    with pytest.raises(UserError) as err:
+        data.prepare_data()
+    message = str(err.value)
+    assert f"{tmp_path}/MNIST/raw" in message and "train-images-idx3-ubyte" in message and "download" in message
+
+
+def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
+    def offline(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://x, got:\n<urlopen error>")
+
+    monkeypatch.setattr(MNIST, "download", offline)
+    with pytest.raises(UserError, match="could not download MNIST .*<urlopen error>.*MNIST/raw"):
+        MNISTDataModule(data_dir=str(tmp_path), download=True).prepare_data()
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "expected"),
+    [
+        ("train-images-idx3-ubyte", lambda b: b[: len(b) // 2], "truncated or corrupted"),
+        ("t10k-labels-idx1-ubyte", lambda b: b + b"\0", "truncated or corrupted"),
+        ("train-labels-idx1-ubyte", lambda b: b"<html>" + b[6:], "not an MNIST IDX file"),
+        ("t10k-images-idx3-ubyte", lambda b: b[:4], "not an MNIST IDX file"),
+    ],
+)
+def test_corrupted_file_is_named(tmp_path, name, damage, expected):
+    raw = write_fake_mnist(tmp_path, n_train=50, n_test=20)
+    (raw / name).write_bytes(damage((raw / name).read_bytes()))
+    data = MNISTDataModule(data_dir=str(tmp_path), val_size=10, download=False)
+    with pytest.raises(UserError, match=f"{name} .*{expected}"):
+        data.setup("fit")

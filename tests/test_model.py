@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mnist.errors import UserError
+from mnist.model import MNISTClassifier
+from mnist.networks import MLP, ConvNet
+from tests.fake_mnist import digit_images
+
+
+@pytest.mark.parametrize("network", [MLP(), MLP(hidden_sizes=[32]), ConvNet(channels=[4, 8], hidden_size=16)])
+def test_networks_map_images_to_ten_logits(network):
+    assert network(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_default_is_the_tutorial_mlp():
+    model = MNISTClassifier()
+    shapes = [tuple(p.shape) for p in model.network.parameters()]
+    assert shapes == [(256, 784), (256,), (128, 256), (128,), (10, 128), (10,)]
+    optimizer = model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.01
+
+
+def test_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = MNISTClassifier()
+    y = torch.arange(64) % 10
+    pixels = torch.from_numpy(digit_images(y.numpy(), np.random.default_rng(0))).float().div(255)
+    x = ((pixels - 0.1307) / 0.3081).unsqueeze(1)  # (64, 1, 28, 28), normalised as the data module does
+    optimizer = model.configure_optimizers()
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_checkpoint_of_another_shape_is_refused_in_one_line():
+    checkpoint = {"state_dict": MNISTClassifier(network=MLP(hidden_sizes=[64])).state_dict()}
+    with pytest.raises(
+        UserError, match=r"does not match the configured one .*checkpoint \(64,\), configured \(256,\)"
+    ) as err:
+        MNISTClassifier().on_load_checkpoint(checkpoint)
+    assert "\n" not in str(err.value)
