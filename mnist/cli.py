@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jsonargparse import Namespace, lazy_instance
 from lightning_fabric.utilities.exceptions import MisconfigurationException
+from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -90,6 +91,15 @@ class MNISTCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        # The checkpoint and learning-rate callbacks are always configured; drop them where the trainer is told
+        # not to checkpoint or log, where Lightning would otherwise refuse to start.
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        if config.get("logger") in (False, None) or config.get("fast_dev_run"):
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
