@@ -13,7 +13,7 @@ from pathlib import Path
 from jsonargparse import Namespace, lazy_instance
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning import Trainer
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -93,12 +93,20 @@ class MNISTCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
-        # The checkpoint and learning-rate callbacks are always configured; drop them where the trainer is told
-        # not to checkpoint or log, where Lightning would otherwise refuse to start.
+        # config.yaml always configures a progress bar, checkpoints and a learning-rate monitor; drop them where
+        # the command line turns that feature off, where Lightning would otherwise refuse to start.
+        unwanted: list[type] = []
+        if config.get("enable_progress_bar") is False:
+            unwanted.append(ProgressBar)
         if config.get("enable_checkpointing") is False:
-            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+            unwanted.append(ModelCheckpoint)
         if config.get("logger") in (False, None) or config.get("fast_dev_run"):
-            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+            unwanted.append(LearningRateMonitor)
+        if unwanted:
+            callbacks = [c for c in callbacks if not isinstance(c, tuple(unwanted))]
+            listed = config.get("callbacks")
+            if isinstance(listed, list):
+                config["callbacks"] = [c for c in listed if not isinstance(c, tuple(unwanted))]
         return super()._instantiate_trainer(config, callbacks)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:

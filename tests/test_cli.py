@@ -171,3 +171,11 @@ def test_print_config_parses_back_to_itself(tmp_path, capsys):
     config = yaml.safe_load(printed)
     assert config["data"]["val_size"] == 5000 and config["data"]["batch_size"] == 32
     assert config["model"]["optimizer"]["init_args"]["lr"] == 0.01 and config["trainer"]["max_epochs"] == 5
+
+
+def test_features_config_yaml_turns_on_can_be_turned_off(tmp_path, fast_args, monkeypatch):
+    """config.yaml lists a progress bar, checkpoints and an LR monitor; switching each off must not fail."""
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", *fast_args, "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
+         "--trainer.logger", "false"])  # fmt: skip
+    assert not (tmp_path / "logs").exists() and not list(tmp_path.rglob("*.ckpt"))
