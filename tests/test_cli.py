@@ -179,3 +179,16 @@ def test_features_config_yaml_turns_on_can_be_turned_off(tmp_path, fast_args, mo
     cli(["fit", *fast_args, "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
          "--trainer.logger", "false"])  # fmt: skip
     assert not (tmp_path / "logs").exists() and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_fast_preset_stacks_and_its_one_cycle_spans_the_run(tmp_path, fast_args, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fast = str(CONFIG.parent / "configs" / "fast.yaml")
+    cli(["fit", *fast_args, "--config", fast, "--trainer.max_epochs", "2", "--data.batch_size", "64"])
+    last = torch.load(tmp_path / "logs/mnist/version_0/checkpoints/last.ckpt", weights_only=True)
+    scheduler = last["lr_schedulers"][0]
+    steps_per_epoch = -(-500 // 64)
+    assert scheduler["total_steps"] == 2 * steps_per_epoch and scheduler["last_epoch"] == 2 * steps_per_epoch
+    assert last["hyper_parameters"]["optimizer"]["init_args"]["nesterov"] is True
+    config = yaml.safe_load((tmp_path / "logs/mnist/version_0/config.yaml").read_text())
+    assert config["data"]["batch_size"] == 64 and config["model"]["lr_scheduler"]["init_args"]["max_lr"] == 0.2
