@@ -1,11 +1,108 @@
 """Callbacks the command line adds to every run."""
 
 import csv
+import math
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from pytorch_lightning.callbacks import BasePredictionWriter
+
+from mnist.errors import TrainingInterrupted, UserError
+
+
+class ResumableCheckpoint(pl.Callback):
+    """Saves ``checkpoints/last.ckpt`` every N training steps and when the process is asked to stop.
+
+    Ctrl-C (SIGINT) or SIGTERM (sent by schedulers such as SLURM before they kill a job) lets the current step
+    finish, saves the checkpoint and ends the command; ``fit --ckpt_path last`` then continues at the next batch.
+    A second Ctrl-C quits at once.
+
+    Args:
+        every_n_train_steps: Also save ``last.ckpt`` every this many training steps; 0 saves it only at epoch ends,
+            through the ``checkpoint`` callback. Bounds the work a crash can lose to this many steps.
+    """
+
+    def __init__(self, every_n_train_steps: NonNegativeInt = 0) -> None:
+        self.every_n_train_steps = every_n_train_steps
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.signum is not None:  # asked twice: stop now, as Python would have the first time
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then stopping "
+            "(Ctrl-C again to quit at once)",
+            file=sys.stderr,
+        )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.signum = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        stop = self.signum is not None
+        if trainer.world_size > 1:
+            # Every process must take the same decision, or the ones that stop leave the others waiting.
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        every = self.every_n_train_steps
+        path = None
+        if stop or (every and trainer.global_step % every == 0):
+            path = self._save(trainer)
+        if stop:
+            raise TrainingInterrupted(self.signum or signal.SIGTERM, path)
+
+    @staticmethod
+    def _save(trainer: pl.Trainer) -> str | None:
+        callback = trainer.checkpoint_callback
+        if callback is None or callback.dirpath is None:
+            return None
+        path = str(Path(callback.dirpath) / "last.ckpt")
+        trainer.save_checkpoint(path)
+        callback.last_model_path = path  # the checkpoint callback's own last.ckpt: overwrite it, don't version it
+        return path
+
+
+class NonFiniteLossGuard(pl.Callback):
+    """Stops training at the first NaN or infinite loss, before it reaches a checkpoint.
+
+    Lightning would carry on, training and saving a model of NaNs. Checking the loss costs a host sync, which is
+    free on a CPU; on an accelerator, checking every few steps saves that wait at the price of a later stop.
+
+    Args:
+        check_every_n_steps: Check the loss every this many training steps.
+    """
+
+    def __init__(self, check_every_n_steps: PositiveInt = 1) -> None:
+        self.check_every_n_steps = check_every_n_steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step % self.check_every_n_steps:
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None or math.isfinite(loss.item()):
+            return
+        lrs = sorted({group["lr"] for opt in trainer.optimizers for group in opt.param_groups})
+        kept = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        raise UserError(
+            f"training stopped at step {trainer.global_step} (epoch {trainer.current_epoch}): the loss is "
+            f"{loss.item()}. The learning rate ({', '.join(f'{lr:g}' for lr in lrs)}) is probably too high; lower "
+            "--model.optimizer.init_args.lr. "
+            + (f"The last good checkpoint is kept: {kept}" if kept else "No checkpoint was saved before it.")
+        )
 
 
 class PredictionCSVWriter(BasePredictionWriter):

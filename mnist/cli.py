@@ -5,6 +5,8 @@ python main.py test --ckpt_path best
 """
 
 import os
+import pickle
+import signal
 import sys
 import traceback
 import warnings
@@ -18,9 +20,10 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from mnist import runs
-from mnist.callbacks import PredictionCSVWriter
+from mnist.callbacks import NonFiniteLossGuard, PredictionCSVWriter, ResumableCheckpoint
+from mnist.checkpoint_io import DurableCheckpointIO
 from mnist.data import MNISTDataModule
-from mnist.errors import UserError
+from mnist.errors import TrainingInterrupted, UserError
 from mnist.model import MNISTClassifier
 
 DEBUG_ENV = "MNIST_DEBUG"
@@ -70,6 +73,7 @@ class MNISTCLI(LightningCLI):
             {
                 "logger": lazy_instance(TensorBoardLogger, save_dir="logs", name="mnist", default_hp_metric=False),
                 "callbacks": [PredictionCSVWriter()],
+                "plugins": [DurableCheckpointIO()],
             },
         )
         # The optimizer and scheduler are the model's own typed arguments (--model.optimizer), so the CLI's
@@ -88,9 +92,13 @@ class MNISTCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "epoch{epoch:02d}-val_loss{val/loss:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
+                # Every run has a directory of its own: nothing in it is from another run to protect by numbering.
+                "checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(ResumableCheckpoint, "resumable")
+        parser.add_lightning_class_args(NonFiniteLossGuard, "nan_guard")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         # config.yaml always configures a progress bar, checkpoints and a learning-rate monitor; drop them where
@@ -115,6 +123,9 @@ class MNISTCLI(LightningCLI):
         if subcommand is None:
             return
         config = self.config[subcommand]
+        if config.get("weights_only") is None:
+            # Load checkpoints as tensors and plain containers only: unpickling can run arbitrary code.
+            config.weights_only = True
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:
             return
@@ -126,7 +137,7 @@ class MNISTCLI(LightningCLI):
             print(f"Using the {ckpt_path} checkpoint of {run}: {path}", file=sys.stderr)
             config.ckpt_path = str(path)
         path = Path(config.ckpt_path)
-        runs.check_checkpoint(path)
+        runs.check_checkpoint(path, weights_only=config.weights_only)
         run_dir = path.parent.parent
         if (
             logger is not None
@@ -139,6 +150,14 @@ class MNISTCLI(LightningCLI):
             logger.version = runs.run_version(run_dir)
             if subcommand != "fit":
                 logger.sub_dir = subcommand
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters with weights_only=True, even for a checkpoint the user
+        # chose to trust with --weights_only false; such a checkpoint then takes its network from the config.
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError:
+            pass
 
     def after_fit(self) -> None:
         if not self.trainer.is_global_zero:
@@ -173,6 +192,11 @@ def run_cli(args=None) -> None:
     """
     try:
         MNISTCLI(args=args)
+    except TrainingInterrupted as stop:
+        name = signal.Signals(stop.signum).name
+        where = f"checkpoint saved: {stop.checkpoint}" if stop.checkpoint else "checkpointing is off, nothing saved"
+        print(f"Stopped by {name}; {where}. Resume with the same command plus --ckpt_path last", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     except (UserError, MisconfigurationException) as err:
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc()

@@ -76,6 +76,8 @@ class BatchLoader:
         self.batch_size = batch_size
         self.sampler = sampler if sampler is not None else EpochSampler(len(labels), shuffle=False)
         self.drop_last = drop_last
+        self.served = 0  # batches handed out so far in the current epoch
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already served) from a checkpoint
 
     # Lightning calls `loader.sampler.set_epoch(epoch)` every epoch, and reads `batch_sampler` of any loader
     # that has a `sampler`, as a DataLoader would.
@@ -87,6 +89,21 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.sampler.indices().to(self.labels.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        first = 0
+        if self._resume is not None and self._resume[0] == self.sampler.epoch and self._resume[1] < len(self):
+            first = self._resume[1]
+        self._resume = None
+        self.served = first
+        for start in range(first * self.batch_size, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
+            self.served += 1
             yield self.images[index], self.labels[index]
+
+    # Lightning saves these with every checkpoint and restores them on resume, so that a run resumed from a
+    # mid-epoch checkpoint continues with the next batch of the same epoch instead of starting the epoch over.
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "served": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # Applies only if the resumed epoch is the saved one; an epoch-end checkpoint resumes with the next epoch.
+        self._resume = (state["epoch"], state["served"])

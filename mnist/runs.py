@@ -4,6 +4,7 @@ Lightning resolves ``--ckpt_path best`` / ``last`` only from the ModelCheckpoint
 in a new process it has nothing to look at. These functions find the files on disk instead.
 """
 
+import pickle
 import re
 from pathlib import Path
 
@@ -59,16 +60,26 @@ def best_checkpoint(run_dir: Path) -> Path:
     )
 
 
-def check_checkpoint(path: Path) -> dict:
-    """Load a checkpoint's contents as plain tensors and containers, or say in one line why it cannot be used."""
+def check_checkpoint(path: Path, weights_only: bool = True) -> dict:
+    """Load a checkpoint, or say in one line why it cannot be used.
+
+    With ``weights_only`` (the default) only tensors and plain containers are loaded, never pickled code.
+    """
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
     if not path.is_file():
         raise UserError(f"checkpoint {path} is not a file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     except PermissionError as err:
         raise UserError(f"checkpoint {path} cannot be read: {err.strerror}") from err
+    except pickle.UnpicklingError as err:
+        if weights_only and "Weights only load failed" in str(err):
+            raise UserError(
+                f"checkpoint {path} holds Python objects whose loading could run arbitrary code; "
+                "if you trust where it comes from, add --weights_only false"
+            ) from err
+        raise UserError(f"{path} is not a readable checkpoint (UnpicklingError): is it the right file?") from err
     except Exception as err:
         raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}): is it the right file?") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:

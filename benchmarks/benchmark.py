@@ -1,0 +1,155 @@
+"""Side-by-side speed of the template against the tutorial's pipeline and a plain PyTorch loop, on real MNIST.
+
+    python benchmarks/benchmark.py --data_dir data                # epoch times, about 5 minutes
+    python benchmarks/benchmark.py --data_dir data --presets      # plus time-to-accuracy of configs/*.yaml
+
+Contenders run in turn, in separate processes, alternating over --rounds so that the shared machine's slow spells
+hit all of them alike. An epoch is training plus validation. It prints a markdown table and writes it to --output.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = ROOT / "benchmarks"
+RAW_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def run(command: list[str], cwd: Path) -> tuple[float, str]:
+    """Run a command; return its wall time and output, or stop the benchmark with its output if it fails."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}"}
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"benchmark step failed: {' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return seconds, result.stdout + result.stderr
+
+
+def epoch_times(path: Path) -> list[float]:
+    return [json.loads(line)["seconds"] for line in path.read_text().splitlines()]
+
+
+def template_fit(data_dir: Path, work: Path, timer: Path, extra: list[str]) -> tuple[float, str]:
+    command = [sys.executable, str(ROOT / "main.py"), "fit", "--config", str(ROOT / "config.yaml"), *extra,
+               "--data.data_dir", str(data_dir), "--data.download", "false",
+               "--trainer.callbacks+=epoch_timer.EpochTimer", f"--trainer.callbacks.path={timer}"]  # fmt: skip
+    return run(command, cwd=work)
+
+
+def test_accuracy(data_dir: Path, work: Path) -> float:
+    command = [sys.executable, str(ROOT / "main.py"), "test", "--ckpt_path", "last", "--data.data_dir", str(data_dir)]
+    _, output = run(command, cwd=work)
+    return float(re.search(r"test/acc\s+([0-9.]+)", output).group(1))
+
+
+def measure_epochs(data_dir: Path, rounds: int, epochs: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {}
+    for round_ in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            for name, kind, batch in [
+                ("tutorial", "tutorial", 32),
+                ("plain loop", "plain", 32),
+                ("template", "template", 32),
+                ("plain loop", "plain", 256),
+                ("template", "template", 256),
+            ]:
+                timer = work / f"{kind}-{batch}.jsonl"
+                script = ["--data_dir", str(data_dir), "--timer", str(timer)]
+                if kind == "tutorial":
+                    run([sys.executable, str(HERE / "tutorial.py"), *script, "--epochs", "1"], cwd=work)
+                elif kind == "plain":
+                    sizes = ["--batch_size", str(batch), "--epochs", str(epochs)]
+                    run([sys.executable, str(HERE / "plain_loop.py"), *script, *sizes], cwd=work)
+                else:
+                    sizes = ["--data.batch_size", str(batch), "--trainer.max_epochs", str(epochs)]
+                    template_fit(data_dir, work, timer, sizes)
+                times.setdefault(f"{name}|{batch}", []).extend(epoch_times(timer))
+                print(f"round {round_ + 1}/{rounds}: {name} at batch {batch}: {epoch_times(timer)}", flush=True)
+    return times
+
+
+def measure_preset(data_dir: Path, preset: str) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        timer = work / "epochs.jsonl"
+        seconds, _ = template_fit(data_dir, work, timer, ["--config", str(ROOT / "configs" / f"{preset}.yaml")])
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        return {
+            "fit": seconds,
+            "epochs": len(epoch_times(timer)),
+            "acc": test_accuracy(data_dir, work),
+            "peak": peak_mb,
+        }
+
+
+def table(times: dict[str, list[float]], presets: dict[str, dict[str, float]], peak_mb: float) -> str:
+    def median(key: str) -> float:
+        return statistics.median(times[key])
+
+    lines = [
+        f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"PyTorch {torch.__version__}, Python {platform.python_version()}; real MNIST, training + validation per "
+        "epoch, median over all measured epochs.",
+        "",
+        "| contender | batch | epoch (s), median | vs plain loop, same batch | epochs measured |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for key in ["tutorial|32", "plain loop|32", "template|32", "plain loop|256", "template|256"]:
+        name, batch = key.split("|")
+        ratio = median(key) / median(f"plain loop|{batch}")
+        lines.append(f"| {name} | {batch} | {median(key):.2f} | {ratio:.2f} × | {len(times[key])} |")
+    lines += ["", f"Peak memory of a `fit` with config.yaml: {peak_mb:.0f} MB."]
+    if presets:
+        lines += ["", "| preset | epochs | whole `fit` command (s) | test accuracy |", "| --- | ---: | ---: | ---: |"]
+        for name, p in presets.items():
+            lines.append(f"| configs/{name}.yaml | {p['epochs']} | {p['fit']:.1f} | {100 * p['acc']:.2f} % |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", type=Path, default=Path("data"), help="folder holding MNIST/raw/")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over all contenders")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run of the plain loop and the template")
+    parser.add_argument("--presets", nargs="*", default=None, help="also time configs/NAME.yaml (default: all)")
+    parser.add_argument("--output", type=Path, default=HERE / "results.md")
+    args = parser.parse_args()
+    data_dir = args.data_dir.resolve()
+    missing = [name for name in RAW_FILES if not (data_dir / "MNIST" / "raw" / name).is_file()]
+    if missing:
+        sys.exit(
+            f"real MNIST is needed in {data_dir}/MNIST/raw/ (missing: {', '.join(missing)}). "
+            "Get it with: python main.py fit --config config.yaml --trainer.max_epochs 0 (downloads it), "
+            "or copy the four uncompressed IDX files there."
+        )
+    times = measure_epochs(data_dir, args.rounds, args.epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        template_fit(data_dir, Path(tmp), Path(tmp) / "t.jsonl", ["--trainer.max_epochs", "1"])
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    presets = {}
+    if args.presets is not None:
+        for name in args.presets or sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")):
+            presets[name] = measure_preset(data_dir, name)
+            print(f"preset {name}: {presets[name]}", flush=True)
+    result = table(times, presets, peak_mb)
+    args.output.write_text(result)
+    print(result)
+
+
+if __name__ == "__main__":
+    main()
