@@ -52,7 +52,9 @@ class MNISTClassifier(pl.LightningModule):
         # would be tidier but doubles the cost of an update, which matters at ~1 ms per training step.)
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_loss", MeanMetric())
-            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes))
+            setattr(
+                self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro")
+            )  # share of correct predictions
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
