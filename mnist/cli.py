@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace, lazy_instance
+from lightning_fabric.plugins import CheckpointIO
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
@@ -73,7 +74,6 @@ class MNISTCLI(LightningCLI):
             {
                 "logger": lazy_instance(TensorBoardLogger, save_dir="logs", name="mnist", default_hp_metric=False),
                 "callbacks": [PredictionCSVWriter()],
-                "plugins": [DurableCheckpointIO()],
             },
         )
         # The optimizer and scheduler are the model's own typed arguments (--model.optimizer), so the CLI's
@@ -115,6 +115,10 @@ class MNISTCLI(LightningCLI):
             listed = config.get("callbacks")
             if isinstance(listed, list):
                 config["callbacks"] = [c for c in listed if not isinstance(c, tuple(unwanted))]
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, DurableCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
@@ -160,14 +164,16 @@ class MNISTCLI(LightningCLI):
             pass
 
     def after_fit(self) -> None:
+        # `trainer.log_dir` broadcasts, a collective call that only process 0 would make here; the logger's does not.
+        log_dir = self.trainer.logger.log_dir if self.trainer.logger is not None else None
         if not self.trainer.is_global_zero:
             return
         callback = self.trainer.checkpoint_callback
         if callback is not None and callback.best_model_path:
             print(f"Best checkpoint: {callback.best_model_path}", file=sys.stderr)
-        if self.trainer.logger is not None:
-            print(f"Run directory: {self.trainer.log_dir}", file=sys.stderr)
-            print(f"Curves: tensorboard --logdir {Path(self.trainer.log_dir).parent.parent}", file=sys.stderr)
+        if log_dir is not None:
+            print(f"Run directory: {log_dir}", file=sys.stderr)
+            print(f"Curves: tensorboard --logdir {Path(log_dir).parent.parent}", file=sys.stderr)
 
 
 def _tensorboard_logger_args(config: Namespace) -> Namespace | None:

@@ -1,5 +1,6 @@
 """Bad input gets one clear line on stderr and a non-zero exit, never a traceback, and nothing is lost."""
 
+import argparse
 import os
 import sys
 
@@ -88,3 +89,24 @@ def test_no_traceback_in_a_real_process(tmp_path, mnist_dir):
                        "--data.data_dir", str(mnist_dir)], cwd=tmp_path)  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: data.val_size (70000) must be smaller than the 600 training images" in result.stderr
+
+
+def test_checkpoint_needing_unsafe_loading_is_refused_unless_trusted(tmp_path, monkeypatch, capsys, fast_args):
+    monkeypatch.chdir(tmp_path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["main.py"])
+        main.cli_main(["fit", *fast_args, "--trainer.max_epochs", "1"])
+    checkpoint = torch.load(tmp_path / "logs/mnist/version_0/checkpoints/last.ckpt", weights_only=True)
+    checkpoint["note"] = argparse.Namespace(origin="pickled object")  # unpickling it would run code
+    torch.save(checkpoint, tmp_path / "pickled.ckpt")
+    capsys.readouterr()
+    code, err = fails(["test", *fast_args, "--ckpt_path", "pickled.ckpt"], capsys)
+    assert code == 1
+    assert err.strip() == (
+        "error: checkpoint pickled.ckpt holds Python objects whose loading could run arbitrary code; "
+        "if you trust where it comes from, add --weights_only false"
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["main.py"])
+        main.cli_main(["test", *fast_args, "--ckpt_path", "pickled.ckpt", "--weights_only", "false"])
+    assert "test/acc" in capsys.readouterr().out
