@@ -74,7 +74,9 @@ def check_checkpoint(path: Path, weights_only: bool = True) -> dict:
     except PermissionError as err:
         raise UserError(f"checkpoint {path} cannot be read: {err.strerror}") from err
     except pickle.UnpicklingError as err:
-        if weights_only and "Weights only load failed" in str(err):
+        # A real checkpoint that pickles Python objects fails on an "Unsupported global"; anything else
+        # (a YAML file, a truncated download) fails on the file's format.
+        if weights_only and "Unsupported global" in str(err):
             raise UserError(
                 f"checkpoint {path} holds Python objects whose loading could run arbitrary code; "
                 "if you trust where it comes from, add --weights_only false"

@@ -13,8 +13,6 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 import main
 from tests.conftest import CONFIG, N_TEST, run_main
 
-pytestmark = pytest.mark.slow
-
 
 def cli(args: list[str]) -> None:
     """Run the command line in this process (seconds faster than a new one); pytest's own argv stays out."""

@@ -10,8 +10,6 @@ import torch
 import main
 from tests.conftest import CONFIG, run_main
 
-pytestmark = pytest.mark.slow
-
 
 def fails(args: list[str], capsys) -> tuple[int, str]:
     with pytest.MonkeyPatch.context() as mp:
