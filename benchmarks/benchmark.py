@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,19 @@ def test_accuracy(data_dir: Path, work: Path) -> float:
     return float(re.search(r"test/acc\s+([0-9.]+)", output).group(1))
 
 
+def template_peak_memory(data_dir: Path) -> float:
+    """Peak resident memory (MB) of one `fit` with config.yaml, measured in a process of its own."""
+    probe = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, str(ROOT / "main.py"), "fit", "--config", str(ROOT / "config.yaml"),
+                   "--data.data_dir", str(data_dir), "--trainer.max_epochs", "1"]  # fmt: skip
+        _, output = run([sys.executable, "-c", probe, *command], cwd=Path(tmp))
+    return int(output.split()[-1]) / 1024
+
+
 def measure_epochs(data_dir: Path, rounds: int, epochs: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {}
     for round_ in range(rounds):
@@ -88,12 +100,10 @@ def measure_preset(data_dir: Path, preset: str) -> dict[str, float]:
         work = Path(tmp)
         timer = work / "epochs.jsonl"
         seconds, _ = template_fit(data_dir, work, timer, ["--config", str(ROOT / "configs" / f"{preset}.yaml")])
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         return {
             "fit": seconds,
             "epochs": len(epoch_times(timer)),
             "acc": test_accuracy(data_dir, work),
-            "peak": peak_mb,
         }
 
 
@@ -138,9 +148,7 @@ def main() -> None:
             "or copy the four uncompressed IDX files there."
         )
     times = measure_epochs(data_dir, args.rounds, args.epochs)
-    with tempfile.TemporaryDirectory() as tmp:
-        template_fit(data_dir, Path(tmp), Path(tmp) / "t.jsonl", ["--trainer.max_epochs", "1"])
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    peak_mb = template_peak_memory(data_dir)
     presets = {}
     if args.presets is not None:
         for name in args.presets or sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")):

@@ -108,8 +108,10 @@ class NonFiniteLossGuard(pl.Callback):
 class PredictionCSVWriter(BasePredictionWriter):
     """Writes ``predict`` results to ``<run dir>/predictions-<checkpoint>.csv``, one row per image.
 
-    Columns: ``index`` (position in the data set), ``target``, ``prediction``, ``confidence`` (softmax
-    probability of the prediction). With several processes, each writes its share and process 0 merges them.
+    For the MNIST test set the columns are ``index`` (position in the test set), ``target``, ``prediction`` and
+    ``confidence`` (the prediction's softmax probability); for the user's own images (``--data.predict_path``)
+    ``path``, ``prediction``, ``confidence`` and the ten class probabilities ``p0`` ... ``p9``. With several
+    processes, each writes its share and process 0 merges them.
     """
 
     def __init__(self) -> None:
@@ -123,19 +125,17 @@ class PredictionCSVWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        path = run_dir / f"predictions-{self.ckpt_name}.csv"
-        loader = trainer.predict_dataloaders
-        index = loader.sampler.indices()  # the data set positions this process predicted, in order
-        rows = torch.stack(
-            [
-                index[: sum(len(p["target"]) for p in predictions)],
-                torch.cat([p["target"] for p in predictions]).cpu(),
-                torch.cat([p["prediction"] for p in predictions]).cpu(),
-            ],
-            dim=1,
-        ).tolist()
-        confidence = torch.cat([p["confidence"] for p in predictions]).float().cpu().tolist()
-        rows = [[*row, round(c, 6)] for row, c in zip(rows, confidence, strict=True)]
+        own_images = getattr(trainer.datamodule, "predict_paths", None)
+        path = run_dir / f"predictions-{'images-' if own_images else ''}{self.ckpt_name}.csv"
+        # The data set positions this process predicted, in order; the sampler knows them under DDP too.
+        index = trainer.predict_dataloaders.sampler.indices().tolist()
+        columns = {key: torch.cat([p[key] for p in predictions]).float().cpu() for key in predictions[0]}
+        rows = [
+            [i, int(t), int(p), round(float(c), 6), *(round(float(q), 6) for q in probs)]
+            for i, t, p, c, probs in zip(
+                index, columns["target"], columns["prediction"], columns["confidence"], columns["probs"], strict=False
+            )
+        ]
         if trainer.world_size > 1:
             part = path.with_suffix(f".rank{trainer.global_rank}.pt")
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,12 +147,24 @@ class PredictionCSVWriter(BasePredictionWriter):
             rows = sorted(row for p in parts for row in torch.load(p))
             for p in parts:
                 p.unlink()
+        if own_images:
+            header = ["path", "prediction", "confidence", *(f"p{k}" for k in range(10))]
+            rows = [[str(own_images[i]), p, c, *probs] for i, _, p, c, *probs in rows]
+        else:
+            header = ["index", "target", "prediction", "confidence"]
+            rows = [row[:4] for row in rows]
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["index", "target", "prediction", "confidence"])
+            writer.writerow(header)
             writer.writerows(rows)
         tmp.replace(path)
         self.path = path
+        if own_images:
+            width = max(len(str(row[0])) for row in rows[:20])
+            for row in rows[:20]:
+                print(f"{row[0]:<{width}}  {row[1]}  ({100 * row[2]:.1f} %)")
+            if len(rows) > 20:
+                print(f"... and {len(rows) - 20} more")
         print(f"Predictions for {len(rows)} images written to {path}")

@@ -1,5 +1,6 @@
 """MNIST as a LightningDataModule: torchvision finds, downloads and parses the files; batches come from memory."""
 
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -9,6 +10,7 @@ from torch.utils.data import random_split
 from torchvision.datasets import MNIST
 
 from mnist.errors import UserError
+from mnist.images import image_files, load_digits
 from mnist.loader import BatchLoader, EpochSampler
 
 # name: (IDX type code and number of dimensions, shape of one item)
@@ -63,6 +65,8 @@ class MNISTDataModule(pl.LightningDataModule):
         mean: Mean pixel value (in [0, 1]) subtracted from every image.
         std: Standard deviation every image is divided by after subtracting ``mean``.
         eval_batch_size: Samples per validation, test and prediction batch; ``batch_size`` when not given.
+        predict_path: An image, or a folder of PNG / JPEG / BMP images, of handwritten digits for ``predict``;
+            the MNIST test set when not given.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class MNISTDataModule(pl.LightningDataModule):
         mean: float = 0.1307,
         std: PositiveFloat = 0.3081,
         eval_batch_size: PositiveInt | None = None,
+        predict_path: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -83,6 +88,7 @@ class MNISTDataModule(pl.LightningDataModule):
         self.train_images = self.train_labels = None
         self.val_images = self.val_labels = None
         self.test_images = self.test_labels = None
+        self.predict_paths: list[Path] = []
 
     @property
     def num_classes(self) -> int:
@@ -99,8 +105,8 @@ class MNISTDataModule(pl.LightningDataModule):
             raise UserError(f"MNIST not found{hint}: expected {names} in {self.raw_dir}/; {HOW_TO_GET}")
         return {name: check_idx_file(self.raw_dir / name, *spec) for name, spec in IDX_FILES.items()}
 
-    def prepare_data(self) -> None:
-        # Lightning calls this on one process per node, so the download never races with itself.
+    def _prepare_mnist(self) -> None:
+        # Lightning calls prepare_data on one process per node, so the download never races with itself.
         if self._missing_files() and self.hparams.download:
             try:
                 for train in (True, False):
@@ -123,10 +129,26 @@ class MNISTDataModule(pl.LightningDataModule):
             name = "train" if train else "t10k"
             raise UserError(f"{self.raw_dir / name}-labels-idx1-ubyte holds labels above 9; get it again")
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        images = images.to(device).float().div_(255).sub_(self.hparams.mean).div_(self.hparams.std)
+        images = self._normalise(images.to(device).float().div_(255))
         return images, labels.to(device)
 
+    def prepare_data(self) -> None:
+        if self.trainer is not None and self.trainer.state.fn == "predict" and self.hparams.predict_path:
+            return  # the user's own images need no MNIST
+        self._prepare_mnist()
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] as the network was trained on them."""
+        return (images - self.hparams.mean) / self.hparams.std
+
     def setup(self, stage: str) -> None:
+        if stage == "predict" and self.hparams.predict_path:
+            images, self.predict_paths, skipped = load_digits(image_files(Path(self.hparams.predict_path)))
+            for line in skipped:
+                print(line, file=sys.stderr)
+            self.test_images = self._normalise(images)
+            self.test_labels = torch.full((len(images),), -1)  # unknown
+            return
         counts = self._check_files()
         if self.hparams.num_workers:
             torch.set_num_threads(self.hparams.num_workers)

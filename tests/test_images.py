@@ -1,0 +1,137 @@
+"""Predicting the user's own digit images, the pictures in TensorBoard, and the model export."""
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import main
+from mnist.errors import UserError
+from mnist.images import image_files, load_digits, to_mnist
+from tests.conftest import CONFIG
+
+
+def bar_digit(size=(90, 60), ink=0, paper=255, box=(20, 10, 40, 70)) -> Image.Image:
+    """A drawing of a '1': a vertical bar of ink on paper, off-centre in a canvas of any size."""
+    pixels = np.full((size[1], size[0]), paper, np.uint8)
+    left, top, right, bottom = box
+    pixels[top:bottom, left:right] = ink
+    return Image.fromarray(pixels)
+
+
+def test_dark_ink_on_light_paper_becomes_a_centred_bright_mnist_digit():
+    digit = to_mnist(bar_digit())[0]
+    assert digit.shape == (28, 28) and 0 <= digit.min() and digit.max() <= 1
+    assert digit[0].sum() == 0 and digit[:, 0].sum() == 0, "background must be black"
+    rows, cols = torch.nonzero(digit > 0.5, as_tuple=True)
+    assert rows.max() - rows.min() + 1 == 20, "the longer side fills 20 pixels, as in MNIST"
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    centre = ((ys * digit).sum() / digit.sum(), (xs * digit).sum() / digit.sum())
+    assert abs(centre[0] - 14) <= 1 and abs(centre[1] - 14) <= 1, "centre of mass at the centre"
+
+
+def test_polarity_and_size_do_not_change_the_result():
+    light_on_dark = to_mnist(bar_digit(ink=255, paper=0))
+    dark_on_light = to_mnist(bar_digit())
+    huge = to_mnist(bar_digit(size=(900, 600), box=(200, 100, 400, 700)))
+    torch.testing.assert_close(light_on_dark, dark_on_light)
+    torch.testing.assert_close(huge, dark_on_light, atol=0.1, rtol=0)
+
+
+def test_a_folder_with_a_bad_file_still_predicts_the_rest(tmp_path):
+    bar_digit().save(tmp_path / "a.png")
+    bar_digit().convert("RGB").save(tmp_path / "b.jpg")
+    (tmp_path / "c.png").write_bytes(b"not an image")
+    (tmp_path / "notes.txt").write_text("ignored: not an image suffix")
+    images, kept, skipped = load_digits(image_files(tmp_path))
+    assert images.shape == (2, 1, 28, 28)
+    assert [p.name for p in kept] == ["a.png", "b.jpg"]
+    assert len(skipped) == 1 and "c.png: not a readable image" in skipped[0]
+
+
+def test_empty_folder_and_missing_path_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="holds no PNG, JPEG or BMP files"):
+        image_files(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        image_files(tmp_path / "nope")
+
+
+def cli(args: list[str]) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["main.py"])
+        main.cli_main(args)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir) -> Path:
+    cwd = tmp_path_factory.mktemp("images")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        cli(["fit", "--config", str(CONFIG), "--data.data_dir", str(mnist_dir), "--data.val_size", "100",
+             "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",  # undertrained: it makes mistakes
+             "--trainer.enable_progress_bar", "false"])  # fmt: skip
+        cli(
+            ["test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), "--trainer.enable_progress_bar", "false"]
+        )
+    return cwd
+
+
+def image_tags(run_dir: Path) -> set[str]:
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    return set(events.Tags()["images"])
+
+
+def test_tensorboard_shows_confusion_matrix_and_mistakes(trained):
+    run = trained / "logs/mnist/version_0"
+    assert {"val/confusion_matrix", "val/most_confident_mistakes"} <= image_tags(run)
+    assert {"test/confusion_matrix", "test/most_confident_mistakes"} <= image_tags(run / "test")
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    assert len(events.Images("val/confusion_matrix")) == 2, "one per validation epoch, none for the sanity check"
+
+
+def test_predict_own_images_writes_the_csv(trained, mnist_dir, tmp_path, capsys):
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    bar_digit().save(folder / "one.png")
+    bar_digit(size=(40, 40), box=(5, 5, 35, 35)).save(folder / "blob.bmp")
+    (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(trained)
+        cli(["predict", "--config", str(CONFIG), "--ckpt_path", "last", "--data.predict_path", str(folder),
+             "--data.data_dir", str(tmp_path / "no-mnist-needed"),
+             "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "broken.png" in captured.err
+    path = trained / "logs/mnist/version_0/predict/predictions-images-last.csv"
+    assert f"Predictions for 2 images written to logs/mnist/version_0/predict/{path.name}" in captured.out
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == ["path", "prediction", "confidence", *(f"p{k}" for k in range(10))]
+    assert [Path(r["path"]).name for r in rows] == ["blob.bmp", "one.png"]
+    for row in rows:
+        probs = [float(row[f"p{k}"]) for k in range(10)]
+        assert sum(probs) == pytest.approx(1, abs=1e-4)
+        assert float(row["confidence"]) == pytest.approx(max(probs), abs=1e-6)
+        assert int(row["prediction"]) == int(np.argmax(probs))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch.export"])
+def test_export_round_trip_matches_the_checkpoint(trained, mnist_dir, tmp_path, capsys, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime (requirements-export.txt)")
+        pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (requirements-export.txt)")
+    from mnist.export import main as export_main
+
+    output = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt2")
+    ckpt = trained / "logs/mnist/version_0/checkpoints/last.ckpt"
+    export_main(["--ckpt_path", str(ckpt), "--format", fmt, "--output", str(output), "--data_dir", str(mnist_dir)])
+    out = capsys.readouterr().out
+    assert output.is_file() and "largest logit difference from the checkpoint is" in out
+    difference = float(out.split("checkpoint is ")[1].split()[0])
+    assert difference <= 1e-4
