@@ -228,9 +228,14 @@ class WorstMistakes(nn.Module):
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """Flatten nested hyperparameters to ``{"model.network.init_args.hidden_sizes": "[256, 128]", ...}``."""
+    """Flatten nested hyperparameters to ``{"model.network.init_args.hidden_sizes": "[256, 128]", ...}``.
+
+    Lightning's private entries (``_instantiator``) are left out: they are not hyperparameters.
+    """
     flat: dict[str, object] = {}
     for key, value in tree.items():
+        if str(key).startswith("_"):
+            continue
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{name}."))

@@ -67,6 +67,7 @@ def test_tensorboard_has_the_curves_and_real_hparams_metrics(trained):
     params = {h.name for h in plugin_data.experiment.hparam_infos}
     assert metrics == {"val/loss", "val/acc"}
     assert {"model.optimizer.init_args.lr", "data.batch_size"} <= params
+    assert not any("_instantiator" in name for name in params)
 
 
 def test_test_in_a_new_process_from_best_without_config(trained, mnist_dir):
