@@ -57,8 +57,8 @@ class MNISTDataModule(pl.LightningDataModule):
         data_dir: Folder holding ``MNIST/raw/`` (created when downloading).
         batch_size: Samples per training batch.
         val_size: Training images held out for validation.
-        num_workers: Threads PyTorch may use to load and normalise the data set; 0 leaves PyTorch's default.
-            Batches themselves are served from memory by the main process.
+        num_workers: CPU threads PyTorch may use (``torch.set_num_threads``), for loading and for training; 0 keeps
+            PyTorch's default. No loader worker processes are needed: batches are indexed from tensors in memory.
         download: Download MNIST into ``data_dir`` when it is not there yet.
         seed: Seed of the train/validation split and of the shuffling order, independent of the global seed so
             that runs with different model seeds see the same data.

@@ -1,5 +1,7 @@
 """The LightningModule: trains any network from ``mnist.networks`` with cross-entropy and logs its metrics."""
 
+from typing import Literal
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -38,13 +40,11 @@ class MNISTClassifier(pl.LightningModule):
         network: nn.Module | None = None,
         optimizer: OptimizerCallable = sgd,
         lr_scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: str = "epoch",
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
         num_classes: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if scheduler_interval not in ("epoch", "step"):
-            raise UserError(f"model.scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         self.network = network if network is not None else MLP(num_classes=num_classes)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler

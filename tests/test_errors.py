@@ -26,6 +26,7 @@ def fails(args: list[str], capsys) -> tuple[int, str]:
         (["--data.batch_size", "0"], 2, "0 does not conform to restriction v>0"),
         (["--data.val_size", "600"], 1, "error: data.val_size (600) must be smaller than the 600 training images"),
         (["--data.bacth_size", "8"], 2, "error: unrecognized arguments: --data.bacth_size 8"),
+        (["--model.scheduler_interval", "weekly"], 2, "Expected a typing.Literal['epoch', 'step']. Got value: weekly"),
         (["--config", "missing.yaml"], 2, "File does not exist"),
         (["--trainer.max_epochs", "-3"], 1, "error: `max_epochs` must be a non-negative integer or -1"),
         (["--ckpt_path", "missing.ckpt"], 1, "error: checkpoint missing.ckpt does not exist"),
