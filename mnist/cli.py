@@ -4,11 +4,9 @@ python main.py fit --config config.yaml
 python main.py test --ckpt_path best
 """
 
-import os
 import pickle
 import signal
 import sys
-import traceback
 import warnings
 from pathlib import Path
 
@@ -24,10 +22,8 @@ from mnist import runs
 from mnist.callbacks import NonFiniteLossGuard, PredictionCSVWriter, ResumableCheckpoint
 from mnist.checkpoint_io import DurableCheckpointIO
 from mnist.data import MNISTDataModule
-from mnist.errors import TrainingInterrupted, UserError
+from mnist.errors import TrainingInterrupted, UserError, exit_with_message
 from mnist.model import MNISTClassifier
-
-DEBUG_ENV = "MNIST_DEBUG"
 
 # The CSV writer takes each sample's index from the loader's sampler, not from Lightning's batch indices.
 warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
@@ -204,7 +200,4 @@ def run_cli(args=None) -> None:
         print(f"Stopped by {name}; {where}. Resume with the same command plus --ckpt_path last", file=sys.stderr)
         sys.exit(128 + stop.signum)
     except (UserError, MisconfigurationException) as err:
-        if os.environ.get(DEBUG_ENV):
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_message(err)

@@ -1,4 +1,11 @@
-"""The one exception type that reaches the user as a message instead of a traceback."""
+"""Errors that reach the user as one line instead of a traceback."""
+
+import os
+import sys
+import traceback
+from typing import NoReturn
+
+DEBUG_ENV = "MNIST_DEBUG"  # set it to see the traceback behind an error message
 
 
 class UserError(Exception):
@@ -20,3 +27,11 @@ class TrainingInterrupted(Exception):
         super().__init__(signum, checkpoint)
         self.signum = signum
         self.checkpoint = checkpoint
+
+
+def exit_with_message(err: BaseException, code: int = 1) -> NoReturn:
+    """End the command with ``error: <err>`` on stderr, the traceback too when MNIST_DEBUG is set."""
+    if os.environ.get(DEBUG_ENV):
+        traceback.print_exception(err)
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(code)

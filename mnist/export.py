@@ -8,17 +8,14 @@ the training normalisation is inside it. ONNX export needs ``pip install -r requ
 """
 
 import argparse
-import os
-import sys
-import traceback
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.datasets import MNIST
 
-from mnist.cli import DEBUG_ENV
-from mnist.errors import UserError
+from mnist.data import MNISTDataModule
+from mnist.errors import UserError, exit_with_message
 from mnist.model import MNISTClassifier
 from mnist.runs import check_checkpoint
 
@@ -46,9 +43,11 @@ class RawPixelClassifier(nn.Module):
 
 def load(ckpt_path: Path) -> RawPixelClassifier:
     checkpoint = check_checkpoint(ckpt_path)
-    data = checkpoint.get("datamodule_hyper_parameters", {})
+    # The normalisation the network was trained with; the data module's defaults for a checkpoint without it.
+    saved = checkpoint.get("datamodule_hyper_parameters", {})
+    data = MNISTDataModule(**{k: v for k, v in saved.items() if k in ("mean", "std")}).hparams
     model = MNISTClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-    return RawPixelClassifier(model.network, data.get("mean", 0.1307), data.get("std", 0.3081)).eval()
+    return RawPixelClassifier(model.network, data.mean, data.std).eval()
 
 
 def sample_pixels(data_dir: str, count: int = 256) -> torch.Tensor:
@@ -119,10 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         export(args.ckpt_path, args.format, args.output, args.data_dir)
     except UserError as err:
-        if os.environ.get(DEBUG_ENV):
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_message(err)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """End to end: the real config.yaml through main.py, on synthetic MNIST, shortened with small limits."""
 
 import csv
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,15 +9,11 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-import main
-from tests.conftest import CONFIG, N_TEST, run_main
+from tests.conftest import CONFIG, N_TEST, cli_in_process, run_main
 
 
 def cli(args: list[str]) -> None:
-    """Run the command line in this process (seconds faster than a new one); pytest's own argv stays out."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["main.py"])
-        main.cli_main(args)
+    cli_in_process(args)
 
 
 def scalars(run_dir: Path) -> dict[str, list]:

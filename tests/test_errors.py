@@ -2,20 +2,16 @@
 
 import argparse
 import os
-import sys
 
 import pytest
 import torch
 
-import main
-from tests.conftest import CONFIG, run_main
+from tests.conftest import CONFIG, cli_in_process, run_main
 
 
 def fails(args: list[str], capsys) -> tuple[int, str]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["main.py"])
-        with pytest.raises(SystemExit) as exit_:
-            main.cli_main(args)
+    with pytest.raises(SystemExit) as exit_:
+        cli_in_process(args)
     return exit_.value.code, capsys.readouterr().err
 
 
@@ -63,9 +59,7 @@ def test_unreadable_checkpoint_is_named(tmp_path, monkeypatch, capsys, fast_args
 def test_network_shape_mismatch_is_one_line(tmp_path, monkeypatch, capsys, fast_args):
     """A checkpoint without saved hyperparameters cannot bring its network along; a mismatch is one line."""
     monkeypatch.chdir(tmp_path)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["main.py"])
-        main.cli_main(["fit", *fast_args, "--trainer.max_epochs", "1"])
+    cli_in_process(["fit", *fast_args, "--trainer.max_epochs", "1"])
     capsys.readouterr()
     path = tmp_path / "logs/mnist/version_0/checkpoints/last.ckpt"
     checkpoint = torch.load(path, weights_only=True)
@@ -92,9 +86,7 @@ def test_no_traceback_in_a_real_process(tmp_path, mnist_dir):
 
 def test_checkpoint_needing_unsafe_loading_is_refused_unless_trusted(tmp_path, monkeypatch, capsys, fast_args):
     monkeypatch.chdir(tmp_path)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["main.py"])
-        main.cli_main(["fit", *fast_args, "--trainer.max_epochs", "1"])
+    cli_in_process(["fit", *fast_args, "--trainer.max_epochs", "1"])
     checkpoint = torch.load(tmp_path / "logs/mnist/version_0/checkpoints/last.ckpt", weights_only=True)
     checkpoint["note"] = argparse.Namespace(origin="pickled object")  # unpickling it would run code
     torch.save(checkpoint, tmp_path / "pickled.ckpt")
@@ -105,7 +97,5 @@ def test_checkpoint_needing_unsafe_loading_is_refused_unless_trusted(tmp_path, m
         "error: checkpoint pickled.ckpt holds Python objects whose loading could run arbitrary code; "
         "if you trust where it comes from, add --weights_only false"
     )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["main.py"])
-        main.cli_main(["test", *fast_args, "--ckpt_path", "pickled.ckpt", "--weights_only", "false"])
+    cli_in_process(["test", *fast_args, "--ckpt_path", "pickled.ckpt", "--weights_only", "false"])
     assert "test/acc" in capsys.readouterr().out

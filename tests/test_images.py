@@ -1,7 +1,6 @@
 """Predicting the user's own digit images, the pictures in TensorBoard, and the model export."""
 
 import csv
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +9,9 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import main
 from mnist.errors import UserError
 from mnist.images import image_files, load_digits, to_mnist
-from tests.conftest import CONFIG
+from tests.conftest import CONFIG, cli_in_process
 
 
 def bar_digit(size=(90, 60), ink=0, paper=255, box=(20, 10, 40, 70)) -> Image.Image:
@@ -62,9 +60,7 @@ def test_empty_folder_and_missing_path_are_clear_errors(tmp_path):
 
 
 def cli(args: list[str]) -> None:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["main.py"])
-        main.cli_main(args)
+    cli_in_process(args)
 
 
 @pytest.fixture(scope="module")
