@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from mnist.errors import UserError
+from mnist.metrics import LossAccuracy, WorstMistakes
 from mnist.networks import MLP
 from mnist.visuals import confusion_matrix_image, digit_grid_image
 
@@ -48,14 +49,14 @@ class MNISTClassifier(pl.LightningModule):
         self.network = network if network is not None else MLP(num_classes=num_classes)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        # One metric object per stage and quantity, so that each is reset and synced across processes on its own.
-        # The loss is a weighted mean, exact with a smaller last batch and across processes. (A MetricCollection
-        # would be tidier but doubles the cost of an update, which matters at ~1 ms per training step.)
-        # Accuracy is the share of right predictions ("micro"), not torchmetrics' default mean over classes.
-        for stage in ("train", "val", "test"):
+        # Training metrics accumulate in one cheap update (see LossAccuracy); validation and test use torchmetrics'
+        # own, one object per stage and quantity, so that each is reset and synced across processes on its own.
+        # The loss is a weighted mean, exact with a smaller last batch and across processes. Accuracy is the share of
+        # right predictions ("micro"), not torchmetrics' default mean over classes.
+        self.train_metrics = LossAccuracy()
+        for stage in ("val", "test"):
             setattr(self, f"{stage}_loss", MeanMetric())
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
-        for stage in ("val", "test"):
             setattr(self, f"{stage}_confusion", MulticlassConfusionMatrix(num_classes))
             setattr(self, f"{stage}_worst", WorstMistakes(WORST_SHOWN))
 
@@ -68,20 +69,27 @@ class MNISTClassifier(pl.LightningModule):
         loss = F.cross_entropy(logits, y)
         # Metric objects only accumulate here, with tensor operations and no host sync; they are logged once per
         # epoch in `_log_epoch`, since each `self.log` costs about as much as this network's whole step.
-        getattr(self, f"{stage}_loss").update(loss.detach(), weight=y.numel())
-        getattr(self, f"{stage}_acc").update(logits.detach(), y)
-        if stage != "train":
+        if stage == "train":
+            self.train_metrics.update(loss, logits, y)
+        else:
+            getattr(self, f"{stage}_loss").update(loss, weight=y.numel())
+            getattr(self, f"{stage}_acc").update(logits, y)
             # The pictures come from the predictions just made: no second pass over the data.
             getattr(self, f"{stage}_confusion").update(logits, y)
             getattr(self, f"{stage}_worst").update(x, y, logits)
         return loss
 
     def _log_epoch(self, stage: str) -> None:
-        loss_name = "train/loss_epoch" if stage == "train" else f"{stage}/loss"
-        self.log(loss_name, getattr(self, f"{stage}_loss"), prog_bar=stage != "train")
+        if stage == "train":
+            # Computed (and synced across processes) here, so the values logged are already global.
+            values = self.train_metrics.compute()
+            self.train_metrics.reset()
+            self.log("train/loss_epoch", values["loss"])
+            self.log("train/acc", values["acc"])
+            return
+        self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"), prog_bar=True)
         self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), prog_bar=stage == "val")
-        if stage != "train":
-            self._log_pictures(stage)
+        self._log_pictures(stage)
 
     def _log_pictures(self, stage: str) -> None:
         confusion, worst = getattr(self, f"{stage}_confusion"), getattr(self, f"{stage}_worst")
@@ -175,56 +183,6 @@ class MNISTClassifier(pl.LightningModule):
 
 
 WORST_SHOWN = 16
-
-
-class WorstMistakes(nn.Module):
-    """Keeps the ``k`` wrong predictions made with the highest confidence, updated batch by batch on the device.
-
-    Args:
-        k: How many to keep.
-    """
-
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.k = k
-        self.reset()
-
-    def reset(self) -> None:
-        self.images = torch.empty(0, 1, 28, 28)
-        self.scores = torch.empty(0)  # confidence of a wrong prediction; -1 for a right one
-        self.targets = torch.empty(0, dtype=torch.long)
-        self.predictions = torch.empty(0, dtype=torch.long)
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> None:
-        confidence, prediction = logits.softmax(dim=1).max(dim=1)
-        # No host sync: right predictions score -1 and lose to any mistake in the top-k.
-        score = torch.where(prediction != y, confidence, torch.full_like(confidence, -1.0))
-        images = torch.cat([self.images.to(x.device), x.detach()])
-        scores = torch.cat([self.scores.to(x.device), score])
-        targets = torch.cat([self.targets.to(y.device), y])
-        predictions = torch.cat([self.predictions.to(y.device), prediction])
-        keep = scores.topk(min(self.k, len(scores))).indices
-        self.images, self.scores = images[keep], scores[keep]
-        self.targets, self.predictions = targets[keep], predictions[keep]
-
-    def gather(self, module: pl.LightningModule) -> tuple[torch.Tensor, ...]:
-        """The top-k mistakes over all processes: images, targets, predictions, confidences."""
-        images, scores, targets, predictions = self.images, self.scores, self.targets, self.predictions
-        if module.trainer.world_size > 1:
-            # Every process sends exactly k entries (padded with non-mistakes), as all_gather needs equal shapes.
-            pad = self.k - len(scores)
-            device = module.device
-            images = torch.cat([images.to(device), torch.zeros(pad, 1, 28, 28, device=device)])
-            scores = torch.cat([scores.to(device), torch.full((pad,), -1.0, device=device)])
-            targets = torch.cat([targets.to(device), torch.zeros(pad, dtype=torch.long, device=device)])
-            predictions = torch.cat([predictions.to(device), torch.zeros(pad, dtype=torch.long, device=device)])
-            images, scores, targets, predictions = (
-                module.all_gather(t).flatten(0, 1) for t in (images, scores, targets, predictions)
-            )
-        order = scores.argsort(descending=True)[: self.k]
-        order = order[scores[order] >= 0]  # only real mistakes
-        return images[order], targets[order], predictions[order], scores[order]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:

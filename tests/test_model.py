@@ -2,8 +2,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
 
 from mnist.errors import UserError
+from mnist.metrics import LossAccuracy
 from mnist.model import MNISTClassifier
 from mnist.networks import MLP, ConvNet
 from tests.fake_mnist import digit_images
@@ -46,3 +49,22 @@ def test_checkpoint_of_another_shape_is_refused_in_one_line():
     ) as err:
         MNISTClassifier().on_load_checkpoint(checkpoint)
     assert "\n" not in str(err.value)
+
+
+def test_training_metric_agrees_with_torchmetrics():
+    torch.manual_seed(0)
+    ours, mean, accuracy = LossAccuracy(), MeanMetric(), MulticlassAccuracy(10, average="micro")
+    for size in (32, 32, 7):  # the smaller last batch must weigh less in both
+        y = torch.randint(0, 10, (size,))
+        logits = torch.randn(size, 10) + 2 * F.one_hot(y, 10)  # mostly right, not all
+        loss = F.cross_entropy(logits, y, reduction="none")[: size // 2].mean()  # not the batch's own mean
+        ours.update(loss, logits, y)
+        mean.update(loss, weight=size)
+        accuracy.update(logits, y)
+    values = ours.compute()
+    torch.testing.assert_close(values["loss"], mean.compute())
+    torch.testing.assert_close(values["acc"], accuracy.compute())
+    assert 0.3 < values["acc"] < 0.95
+    ours.reset()
+    ours.update(torch.tensor(1.5), torch.eye(10)[:4], torch.tensor([0, 1, 2, 0]))
+    assert ours.compute() == {"loss": torch.tensor(1.5), "acc": torch.tensor(0.75)}

@@ -1,0 +1,83 @@
+"""What the classifier measures beyond torchmetrics' stock metrics: a cheap training metric and the worst mistakes."""
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import Metric
+
+
+class LossAccuracy(Metric):
+    """Mean loss and accuracy over an epoch, kept as three running sums updated in one call.
+
+    This is the training step's metric. ``MeanMetric`` plus ``MulticlassAccuracy`` cost about 200 µs per update on a
+    CPU, a tenth of the MLP's whole training step at batch 32, mostly in their argument checks and generality; this
+    costs about 40 µs. Validation and test keep torchmetrics' own metrics, and a test checks that both agree.
+    The sums are added across processes, so the values are exact under DDP and with a smaller last batch.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("loss_sum", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
+        # In place: assigning a state goes through nn.Module.__setattr__, which costs more than the sums themselves.
+        self.loss_sum.add_(loss.detach() * target.numel())
+        self.correct.add_((logits.detach().argmax(dim=1) == target).sum())
+        self.count.add_(target.numel())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"loss": self.loss_sum / self.count, "acc": self.correct / self.count}
+
+
+class WorstMistakes(nn.Module):
+    """Keeps the ``k`` wrong predictions made with the highest confidence, updated batch by batch on the device.
+
+    Args:
+        k: How many to keep.
+    """
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.reset()
+
+    def reset(self) -> None:
+        self.images = torch.empty(0, 1, 28, 28)
+        self.scores = torch.empty(0)  # confidence of a wrong prediction; -1 for a right one
+        self.targets = torch.empty(0, dtype=torch.long)
+        self.predictions = torch.empty(0, dtype=torch.long)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> None:
+        confidence, prediction = logits.softmax(dim=1).max(dim=1)
+        # No host sync: right predictions score -1 and lose to any mistake in the top-k.
+        score = torch.where(prediction != y, confidence, torch.full_like(confidence, -1.0))
+        images = torch.cat([self.images.to(x.device), x.detach()])
+        scores = torch.cat([self.scores.to(x.device), score])
+        targets = torch.cat([self.targets.to(y.device), y])
+        predictions = torch.cat([self.predictions.to(y.device), prediction])
+        keep = scores.topk(min(self.k, len(scores))).indices
+        self.images, self.scores = images[keep], scores[keep]
+        self.targets, self.predictions = targets[keep], predictions[keep]
+
+    def gather(self, module: pl.LightningModule) -> tuple[torch.Tensor, ...]:
+        """The top-k mistakes over all processes: images, targets, predictions, confidences."""
+        images, scores, targets, predictions = self.images, self.scores, self.targets, self.predictions
+        if module.trainer.world_size > 1:
+            # Every process sends exactly k entries (padded with non-mistakes), as all_gather needs equal shapes.
+            pad = self.k - len(scores)
+            device = module.device
+            images = torch.cat([images.to(device), torch.zeros(pad, 1, 28, 28, device=device)])
+            scores = torch.cat([scores.to(device), torch.full((pad,), -1.0, device=device)])
+            targets = torch.cat([targets.to(device), torch.zeros(pad, dtype=torch.long, device=device)])
+            predictions = torch.cat([predictions.to(device), torch.zeros(pad, dtype=torch.long, device=device)])
+            images, scores, targets, predictions = (
+                module.all_gather(t).flatten(0, 1) for t in (images, scores, targets, predictions)
+            )
+        order = scores.argsort(descending=True)[: self.k]
+        order = order[scores[order] >= 0]  # only real mistakes
+        return images[order], targets[order], predictions[order], scores[order]
