@@ -76,17 +76,20 @@ def measure_epochs(data_dir: Path, rounds: int, epochs: int) -> dict[str, list[f
             for name, kind, batch in [
                 ("tutorial", "tutorial", 32),
                 ("plain loop", "plain", 32),
+                ("bare Lightning", "bare", 32),
                 ("template", "template", 32),
                 ("plain loop", "plain", 256),
+                ("bare Lightning", "bare", 256),
                 ("template", "template", 256),
             ]:
                 timer = work / f"{kind}-{batch}.jsonl"
                 script = ["--data_dir", str(data_dir), "--timer", str(timer)]
                 if kind == "tutorial":
                     run([sys.executable, str(HERE / "tutorial.py"), *script, "--epochs", "1"], cwd=work)
-                elif kind == "plain":
+                elif kind in ("plain", "bare"):
                     sizes = ["--batch_size", str(batch), "--epochs", str(epochs)]
-                    run([sys.executable, str(HERE / "plain_loop.py"), *script, *sizes], cwd=work)
+                    script_file = HERE / ("plain_loop.py" if kind == "plain" else "bare_lightning.py")
+                    run([sys.executable, str(script_file), *script, *sizes], cwd=work)
                 else:
                     sizes = ["--data.batch_size", str(batch), "--trainer.max_epochs", str(epochs)]
                     template_fit(data_dir, work, timer, sizes)
@@ -119,7 +122,8 @@ def table(times: dict[str, list[float]], presets: dict[str, dict[str, float]], p
         "| contender | batch | epoch (s), median | vs plain loop, same batch | epochs measured |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for key in ["tutorial|32", "plain loop|32", "template|32", "plain loop|256", "template|256"]:
+    keys = ["tutorial|32", "plain loop|32", "bare Lightning|32", "template|32"]
+    for key in [*keys, "plain loop|256", "bare Lightning|256", "template|256"]:
         name, batch = key.split("|")
         ratio = median(key) / median(f"plain loop|{batch}")
         lines.append(f"| {name} | {batch} | {median(key):.2f} | {ratio:.2f} × | {len(times[key])} |")

@@ -1,0 +1,68 @@
+"""Lightning with nothing added: the plain loop's model, data and optimizer in a minimal LightningModule and Trainer.
+
+No logger, progress bar, checkpoints, metrics or model summary; validation computes the accuracy as the plain loop
+does. It measures what Lightning's training loop itself costs per step on this machine, the floor under the
+template's own overhead.
+
+python benchmarks/bare_lightning.py --data_dir data --batch_size 32 --epochs 3 --timer times.jsonl
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from epoch_timer import EpochTimer
+from plain_loop import load
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mnist.loader import BatchLoader, EpochSampler  # noqa: E402
+from mnist.networks import MLP  # noqa: E402
+
+
+class Bare(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.network = MLP()
+        self.correct = 0
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.network(x), y)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.correct += (self.network(x).argmax(1) == y).sum().item()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--timer", required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    images, labels = load(args.data_dir, train=True)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(42))
+    train = BatchLoader(images[order[5000:]], labels[order[5000:]], args.batch_size, EpochSampler(55000, True))
+    val = BatchLoader(images[order[:5000]], labels[order[:5000]], args.batch_size)
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[EpochTimer(args.timer)],
+    )
+    trainer.fit(Bare(), train, val)
+
+
+if __name__ == "__main__":
+    main()
