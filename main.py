@@ -1,6 +1,7 @@
 """Train and evaluate the MNIST classifier: ``python main.py fit --config config.yaml`` (see README.md)."""
 
 from mnist.cli import run_cli
+from mnist.shutdown import run_then_exit
 
 
 def cli_main(args=None) -> None:
@@ -8,4 +9,4 @@ def cli_main(args=None) -> None:
 
 
 if __name__ == "__main__":
-    cli_main()
+    run_then_exit(cli_main)
