@@ -36,7 +36,13 @@ def ddp_run(tmp_path_factory, mnist_dir) -> Path:
     cwd = tmp_path_factory.mktemp("ddp")
     result = run_main(["fit", *common(mnist_dir), "--trainer.devices", "2", "--trainer.max_epochs", "2"], cwd=cwd)
     assert result.returncode == 0, result.stderr
+    (cwd / "fit.stderr").write_text(result.stderr)
     return cwd
+
+
+def test_epoch_metrics_are_synced_without_lightning_warnings(ddp_run):
+    stderr = (ddp_run / "fit.stderr").read_text()
+    assert "sync_dist=True" not in stderr, stderr
 
 
 def test_two_processes_write_one_run(ddp_run):
