@@ -7,7 +7,6 @@ template's own overhead.
 python benchmarks/bare_lightning.py --data_dir data --batch_size 32 --epochs 3 --timer times.jsonl
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from epoch_timer import EpochTimer
-from plain_loop import load
+from plain_loop import arguments, train_and_val
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mnist.loader import BatchLoader, EpochSampler  # noqa: E402
@@ -41,17 +40,11 @@ class Bare(pl.LightningModule):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data_dir", default="data")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--timer", required=True)
-    args = parser.parse_args()
+    args = arguments(__doc__)
     torch.manual_seed(0)
-    images, labels = load(args.data_dir, train=True)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(42))
-    train = BatchLoader(images[order[5000:]], labels[order[5000:]], args.batch_size, EpochSampler(55000, True))
-    val = BatchLoader(images[order[:5000]], labels[order[:5000]], args.batch_size)
+    train_x, train_y, val_x, val_y = train_and_val(args.data_dir)
+    train = BatchLoader(train_x, train_y, args.batch_size, EpochSampler(len(train_y), shuffle=True))
+    val = BatchLoader(val_x, val_y, args.batch_size)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         logger=False,

@@ -17,24 +17,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mnist.networks import MLP  # noqa: E402
 
 
-def load(data_dir: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    dataset = MNIST(data_dir, train=train)
-    images = (dataset.data.unsqueeze(1).float() / 255 - 0.1307) / 0.3081  # (N, 1, 28, 28)
-    return images, dataset.targets
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(description: str) -> argparse.Namespace:
+    """The command line of this loop and of bare_lightning.py."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--timer", required=True)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    images, labels = load(args.data_dir, train=True)
+    return parser.parse_args()
+
+
+def train_and_val(data_dir: str) -> tuple[torch.Tensor, ...]:
+    """MNIST's training images normalised in memory, split 55,000 / 5,000: train images, labels, val images, labels."""
+    dataset = MNIST(data_dir, train=True)
+    images = (dataset.data.unsqueeze(1).float() / 255 - 0.1307) / 0.3081  # (N, 28, 28) -> (N, 1, 28, 28)
+    labels = dataset.targets
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(42))
-    train_x, train_y = images[order[5000:]], labels[order[5000:]]
-    val_x, val_y = images[order[:5000]], labels[order[:5000]]
+    return images[order[5000:]], labels[order[5000:]], images[order[:5000]], labels[order[:5000]]
+
+
+def main() -> None:
+    args = arguments(__doc__)
+    torch.manual_seed(0)
+    train_x, train_y, val_x, val_y = train_and_val(args.data_dir)
     model = MLP()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     bs = args.batch_size
