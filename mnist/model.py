@@ -68,7 +68,7 @@ class MNISTClassifier(pl.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         # Metric objects only accumulate here, with tensor operations and no host sync; they are logged once per
-        # epoch in `_log_epoch`, since each `self.log` costs about as much as this network's whole step.
+        # epoch, in the `on_*_epoch_end` hooks, since each `self.log` costs about as much as this network's whole step.
         if stage == "train":
             self.train_metrics.update(loss, logits, y)
         else:
@@ -79,16 +79,7 @@ class MNISTClassifier(pl.LightningModule):
             getattr(self, f"{stage}_worst").update(x, y, logits)
         return loss
 
-    def _log_epoch(self, stage: str) -> None:
-        if stage == "train":
-            # compute() sums the states across processes, so the values are already global and Lightning's own
-            # reduction (a mean of equal values) changes nothing; asking for it keeps Lightning from warning, under
-            # DDP, that an epoch value was logged unsynced.
-            values = self.train_metrics.compute()
-            self.train_metrics.reset()
-            self.log("train/loss_epoch", values["loss"], sync_dist=True)
-            self.log("train/acc", values["acc"], sync_dist=True)
-            return
+    def _log_evaluation(self, stage: str) -> None:
         self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"), prog_bar=True)
         self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), prog_bar=stage == "val")
         self._log_pictures(stage)
@@ -128,13 +119,19 @@ class MNISTClassifier(pl.LightningModule):
         self._shared_step(batch, "test")
 
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
+        # compute() sums the states across processes, so the values are already global and Lightning's own
+        # reduction (a mean of equal values) changes nothing; asking for it keeps Lightning from warning, under
+        # DDP, that an epoch value was logged unsynced.
+        values = self.train_metrics.compute()
+        self.train_metrics.reset()
+        self.log("train/loss_epoch", values["loss"], sync_dist=True)
+        self.log("train/acc", values["acc"], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
+        self._log_evaluation("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
+        self._log_evaluation("test")
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         x, y = batch
