@@ -105,21 +105,6 @@ class MNISTDataModule(pl.LightningDataModule):
             raise UserError(f"MNIST not found{hint}: expected {names} in {self.raw_dir}/; {HOW_TO_GET}")
         return {name: check_idx_file(self.raw_dir / name, *spec) for name, spec in IDX_FILES.items()}
 
-    def _prepare_mnist(self) -> None:
-        # Lightning calls prepare_data on one process per node, so the download never races with itself.
-        if self._missing_files() and self.hparams.download:
-            try:
-                for train in (True, False):
-                    MNIST(self.hparams.data_dir, train=train, download=True)
-            except Exception as err:  # torchvision raises several types for one cause: no network
-                # torchvision's message lists every mirror it tried; the last line holds the cause.
-                cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-                raise UserError(
-                    f"could not download MNIST into {self.raw_dir}/ ({cause}). "
-                    f"Expected {', '.join(IDX_FILES)} there; {HOW_TO_GET}"
-                ) from err
-        self._check_files()
-
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """All images of one MNIST file, normalised, ``(N, 1, 28, 28)`` float32, and their labels ``(N,)``."""
         dataset = MNIST(self.hparams.data_dir, train=train, download=False)
@@ -135,7 +120,19 @@ class MNISTDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         if self.trainer is not None and self.trainer.state.fn == "predict" and self.hparams.predict_path:
             return  # the user's own images need no MNIST
-        self._prepare_mnist()
+        # Lightning calls prepare_data on one process per node, so the download never races with itself.
+        if self._missing_files() and self.hparams.download:
+            try:
+                for train in (True, False):
+                    MNIST(self.hparams.data_dir, train=train, download=True)
+            except Exception as err:  # torchvision raises several types for one cause: no network
+                # torchvision's message lists every mirror it tried; the last line holds the cause.
+                cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                raise UserError(
+                    f"could not download MNIST into {self.raw_dir}/ ({cause}). "
+                    f"Expected {', '.join(IDX_FILES)} there; {HOW_TO_GET}"
+                ) from err
+        self._check_files()
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] as the network was trained on them; in place, as these hold the whole data set."""
