@@ -18,6 +18,7 @@ from mnist.data import MNISTDataModule
 from mnist.errors import UserError, exit_with_message
 from mnist.model import MNISTClassifier
 from mnist.runs import check_checkpoint
+from mnist.shutdown import run_then_exit
 
 TOLERANCE = 1e-4  # largest difference in logits allowed between the export and the checkpoint
 FORMATS = ("onnx", "torch.export")
@@ -122,4 +123,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)
