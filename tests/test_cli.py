@@ -9,11 +9,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tests.conftest import CONFIG, N_TEST, cli_in_process, run_main
-
-
-def cli(args: list[str]) -> None:
-    cli_in_process(args)
+from tests.conftest import CONFIG, N_TEST, run_main
+from tests.conftest import cli_in_process as cli
 
 
 def scalars(run_dir: Path) -> dict[str, list]:

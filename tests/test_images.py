@@ -11,7 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mnist.errors import UserError
 from mnist.images import image_files, load_digits, to_mnist
-from tests.conftest import CONFIG, cli_in_process
+from tests.conftest import CONFIG
+from tests.conftest import cli_in_process as cli
 
 
 def bar_digit(size=(90, 60), ink=0, paper=255, box=(20, 10, 40, 70)) -> Image.Image:
@@ -57,10 +58,6 @@ def test_empty_folder_and_missing_path_are_clear_errors(tmp_path):
         image_files(tmp_path)
     with pytest.raises(UserError, match="does not exist"):
         image_files(tmp_path / "nope")
-
-
-def cli(args: list[str]) -> None:
-    cli_in_process(args)
 
 
 @pytest.fixture(scope="module")
