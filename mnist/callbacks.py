@@ -70,9 +70,9 @@ class ResumableCheckpoint(pl.Callback):
         callback = trainer.checkpoint_callback
         if callback is None or callback.dirpath is None:
             return None
-        path = str(Path(callback.dirpath) / "last.ckpt")
+        # The checkpoint callback's own last.ckpt (it has no version counter in this project): overwritten.
+        path = str(Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
         trainer.save_checkpoint(path)
-        callback.last_model_path = path  # the checkpoint callback's own last.ckpt: overwrite it, don't version it
         return path
 
 
@@ -96,7 +96,11 @@ class NonFiniteLossGuard(pl.Callback):
         if loss is None or math.isfinite(loss.item()):
             return
         lrs = sorted({group["lr"] for opt in trainer.optimizers for group in opt.param_groups})
-        kept = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        callback = trainer.checkpoint_callback
+        kept = ""
+        if callback is not None and callback.dirpath is not None:
+            last = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            kept = str(last) if last.is_file() else callback.best_model_path
         raise UserError(
             f"training stopped at step {trainer.global_step} (epoch {trainer.current_epoch}): the loss is "
             f"{loss.item()}. The learning rate ({', '.join(f'{lr:g}' for lr in lrs)}) is probably too high; lower "
@@ -108,10 +112,10 @@ class NonFiniteLossGuard(pl.Callback):
 class PredictionCSVWriter(BasePredictionWriter):
     """Writes ``predict`` results to ``<run dir>/predictions-<checkpoint>.csv``, one row per image.
 
-    For the MNIST test set the columns are ``index`` (position in the test set), ``target``, ``prediction`` and
-    ``confidence`` (the prediction's softmax probability); for the user's own images (``--data.predict_path``)
-    ``path``, ``prediction``, ``confidence`` and the ten class probabilities ``p0`` ... ``p9``. With several
-    processes, each writes its share and process 0 merges them.
+    For the test set the columns are ``index`` (position in the test set), ``target``, ``prediction``,
+    ``class_name`` (the predicted class's name) and ``confidence`` (the prediction's softmax probability); for the
+    user's own images (``--data.predict_path``) ``path``, ``prediction``, ``class_name``, ``confidence`` and each
+    class's probability ``p0`` ... ``p9``. With several processes, each writes its share and process 0 merges them.
     """
 
     def __init__(self) -> None:
@@ -147,12 +151,13 @@ class PredictionCSVWriter(BasePredictionWriter):
             rows = sorted(row for p in parts for row in torch.load(p))
             for p in parts:
                 p.unlink()
+        names = pl_module.class_names
         if own_images:
-            header = ["path", "prediction", "confidence", *(f"p{k}" for k in range(10))]
-            rows = [[str(own_images[i]), p, c, *probs] for i, _, p, c, *probs in rows]
+            header = ["path", "prediction", "class_name", "confidence", *(f"p{k}" for k in range(len(names)))]
+            rows = [[str(own_images[i]), p, names[p], c, *probs] for i, _, p, c, *probs in rows]
         else:
-            header = ["index", "target", "prediction", "confidence"]
-            rows = [row[:4] for row in rows]
+            header = ["index", "target", "prediction", "class_name", "confidence"]
+            rows = [[i, t, p, names[p], c] for i, t, p, c, *_ in rows]
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
@@ -164,7 +169,7 @@ class PredictionCSVWriter(BasePredictionWriter):
         if own_images:
             width = max(len(str(row[0])) for row in rows[:20])
             for row in rows[:20]:
-                print(f"{row[0]:<{width}}  {row[1]}  ({100 * row[2]:.1f} %)")
+                print(f"{row[0]:<{width}}  {row[2]}  ({100 * row[3]:.1f} %)")
             if len(rows) > 20:
                 print(f"... and {len(rows) - 20} more")
         print(f"Predictions for {len(rows)} images written to {path}")

@@ -1,22 +1,24 @@
-"""The command line: ``LightningCLI`` with run directories, checkpoint lookup and one-line errors.
+"""The command line: ``LightningCLI`` with run directories, checkpoint lookup, runs carried by their checkpoints.
 
 python main.py fit --config config.yaml
 python main.py test --ckpt_path best
 """
 
-import pickle
+import importlib
 import signal
 import sys
 import warnings
 from pathlib import Path
 
-from jsonargparse import Namespace, lazy_instance
+import torch
+import yaml
+from jsonargparse import Namespace, set_parsing_settings
+from jsonargparse.typing import PositiveInt
 from lightning_fabric.plugins import CheckpointIO
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning import Trainer
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from pytorch_lightning.loggers import TensorBoardLogger
 
 from mnist import runs
 from mnist.callbacks import NonFiniteLossGuard, PredictionCSVWriter, ResumableCheckpoint
@@ -24,9 +26,16 @@ from mnist.checkpoint_io import DurableCheckpointIO
 from mnist.data import MNISTDataModule
 from mnist.errors import TrainingInterrupted, UserError, exit_with_message
 from mnist.model import MNISTClassifier
+from mnist.reporting import log_hyperparameters, run_summary
+
+# `--print_completion shtab-bash` (or shtab-zsh) prints a shell completion script; it needs the optional `shtab`.
+set_parsing_settings(add_print_completion_argument=True)
 
 # The CSV writer takes each sample's index from the loader's sampler, not from Lightning's batch indices.
 warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+
+# What a checkpoint's saved config holds that belongs to the command that wrote it, not to the run.
+COMMAND_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predictions")
 
 
 class MNISTArgumentParser(LightningArgumentParser):
@@ -37,10 +46,19 @@ class MNISTArgumentParser(LightningArgumentParser):
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Saves the exact config of every command into its run directory, never over an earlier one.
+    """Saves the exact config of every command into its run directory and every checkpoint, never over an earlier one.
 
-    A resumed ``fit`` or a second ``test`` of the same run writes ``config-1.yaml``, ``config-2.yaml``, ...
+    A resumed ``fit`` or a test of the same run writes ``config-1.yaml``, ``config-2.yaml``, ... . A ``fit`` also
+    sends a summary of the settings people compare runs by to every logger (TensorBoard's HParams tab).
     """
+
+    @property
+    def state_key(self) -> str:
+        return runs.RUN_CONFIG_KEY
+
+    def state_dict(self) -> dict[str, str]:
+        # In every checkpoint: `--ckpt_path` without `--config` continues or evaluates the run as it was configured.
+        return {"config": self.parser.dump(self.config, skip_none=False)}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved:
@@ -58,6 +76,10 @@ class RunConfigSaver(SaveConfigCallback):
             # Printed here, after the data module's setup, so that bad input fails before a run is announced.
             print(f"Run directory: {log_dir} (config saved as {self.config_filename})", file=sys.stderr)
 
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            log_hyperparameters(trainer.loggers, run_summary(self.config, pl_module))
+
 
 class MNISTCLI(LightningCLI):
     """LightningCLI for this project; see the module docstring for how to run it."""
@@ -65,19 +87,29 @@ class MNISTCLI(LightningCLI):
     def __init__(self, args=None, **kwargs) -> None:
         kwargs.setdefault("parser_class", MNISTArgumentParser)
         kwargs.setdefault("save_config_callback", RunConfigSaver)
-        kwargs.setdefault(
-            "trainer_defaults",
-            {"logger": lazy_instance(TensorBoardLogger, save_dir="logs", name="mnist", default_hp_metric=False)},
-        )
+        # Runs go where plain Lightning puts them, under default_root_dir: logs/lightning_logs/version_N.
+        kwargs.setdefault("trainer_defaults", {"default_root_dir": "logs"})
         # The optimizer and scheduler are the model's own typed arguments (--model.optimizer), so the CLI's
         # generic top-level --optimizer / --lr_scheduler would only be a second way to say the same thing.
         kwargs.setdefault("auto_configure_optimizers", False)
         # The same seed as config.yaml, also for commands run without it (`python main.py test --ckpt_path ...`).
         kwargs.setdefault("seed_everything_default", 42)
+        # Any data module: --data mnist.data.FashionMNISTDataModule, or one of your own.
+        kwargs.setdefault("subclass_mode_data", True)
         super().__init__(MNISTClassifier, MNISTDataModule, args=args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"data": {"class_path": "mnist.data.MNISTDataModule"}})
+        # What the model must know about the data, stated once, by the data module.
+        for name in ("num_classes", "image_shape", "mean", "std", "class_names"):
+            parser.link_arguments("data", f"model.{name}", compute_fn=_attribute(name), apply_on="instantiate")
+        parser.add_argument(
+            "--num_threads",
+            type=PositiveInt | None,
+            default=None,
+            help="CPU threads PyTorch may use in this process (torch.set_num_threads); PyTorch's default if not given.",
+        )
+        parser.add_class_arguments(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -89,35 +121,11 @@ class MNISTCLI(LightningCLI):
                 "checkpoint.enable_version_counter": False,
             }
         )
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.add_lightning_class_args(ResumableCheckpoint, "resumable")
-        parser.add_lightning_class_args(NonFiniteLossGuard, "nan_guard")
-
-    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
-        # config.yaml always configures a progress bar, checkpoints and a learning-rate monitor; drop them where
-        # the command line turns that feature off, where Lightning would otherwise refuse to start.
-        unwanted: list[type] = []
-        if config.get("enable_progress_bar") is False:
-            unwanted.append(ProgressBar)
-        if config.get("enable_checkpointing") is False:
-            unwanted.append(ModelCheckpoint)
-        if config.get("logger") in (False, None) or config.get("fast_dev_run"):
-            unwanted.append(LearningRateMonitor)
-        if unwanted:
-            callbacks = [c for c in callbacks if not isinstance(c, tuple(unwanted))]
-            listed = config.get("callbacks")
-            if isinstance(listed, list):
-                config["callbacks"] = [c for c in listed if not isinstance(c, tuple(unwanted))]
-        if self.subcommand == "predict":
-            # Only where it has work: Lightning calls every callback at every hook of every step, ~5 µs each here.
-            callbacks = [*callbacks, PredictionCSVWriter()]
-        plugins = config.get("plugins") or []
-        plugins = plugins if isinstance(plugins, list) else [plugins]
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
-            config["plugins"] = [*plugins, DurableCheckpointIO()]
-        return super()._instantiate_trainer(config, callbacks)
+        parser.add_class_arguments(ResumableCheckpoint, "resumable")
+        parser.add_class_arguments(NonFiniteLossGuard, "nan_guard")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict | Namespace) else args
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand is None:
@@ -129,35 +137,58 @@ class MNISTCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:
             return
-        logger = _tensorboard_logger_args(config)
-        runs_root = _runs_root(config, logger)
-        if ckpt_path in ("best", "last"):
-            run = runs.newest_run_with_checkpoints(runs_root)
-            path = runs.best_checkpoint(run) if ckpt_path == "best" else runs.last_checkpoint(run)
-            print(f"Using the {ckpt_path} checkpoint of {run}: {path}", file=sys.stderr)
-            config.ckpt_path = str(path)
-        path = Path(config.ckpt_path)
-        runs.check_checkpoint(path, weights_only=config.weights_only)
-        run_dir = path.parent.parent
-        if (
-            logger is not None
-            and path.parent.name == "checkpoints"
-            and runs.run_version(run_dir) is not None
-            and run_dir.parent.resolve() == runs_root.resolve()
-        ):
-            # Continue the checkpoint's own run: a resumed fit extends its curves, and an evaluation lands in a
-            # sub-directory of it (`version_N/test`) so that its step-0 points never mix with the training curves.
-            logger.version = runs.run_version(run_dir)
-            if subcommand != "fit":
-                logger.sub_dir = subcommand
+        path = self._resolve_checkpoint(ckpt_path, config)
+        checkpoint = runs.check_checkpoint(path, weights_only=config.weights_only)
+        saved = runs.saved_config(checkpoint)
+        if saved and not config.get("config") and isinstance(args, list):
+            # The run's own config is the base; what the command line says comes on top of it.
+            print(
+                f"Using the config of the run that wrote {path}; flags on the command line override it", file=sys.stderr
+            )
+            where = args.index(subcommand) + 1
+            self.config = parser.parse_args([*args[:where], "--config", _run_settings(saved), *args[where:]])
+            config = self.config[subcommand]
+            config.weights_only = True if config.get("weights_only") is None else config.weights_only
+        config.ckpt_path = str(path)
+        if not config.weights_only:
+            _trust_globals_of(path)
+        _continue_run_of(path, config)
 
-    def _parse_ckpt_path(self) -> None:
-        # Lightning reads the checkpoint's hyperparameters with weights_only=True, even for a checkpoint the user
-        # chose to trust with --weights_only false; such a checkpoint then takes its network from the config.
-        try:
-            super()._parse_ckpt_path()
-        except pickle.UnpicklingError:
-            pass
+    def _resolve_checkpoint(self, ckpt_path: str, config: Namespace) -> Path:
+        if ckpt_path not in ("best", "last"):
+            return Path(ckpt_path)
+        roots = _checkpoint_roots(config)
+        ckpt_dir = runs.newest_checkpoint_dir(roots)
+        path = runs.best_checkpoint(ckpt_dir) if ckpt_path == "best" else runs.last_checkpoint(ckpt_dir)
+        print(f"Using the {ckpt_path} checkpoint of {ckpt_dir.parent}: {path}", file=sys.stderr)
+        return path
+
+    def before_instantiate_classes(self) -> None:
+        threads = self.config[self.subcommand].get("num_threads") if self.subcommand else None
+        if threads:
+            torch.set_num_threads(threads)
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        init = self.config_init[self.subcommand]
+        trainer = init["trainer"]
+        callbacks = trainer.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        # config.yaml configures a progress bar; a command line that turns the bar off means that one too.
+        if trainer.get("enable_progress_bar") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        if trainer.get("enable_checkpointing") is not False:
+            # Also when evaluating: Lightning warns when a checkpoint's callbacks are missing.
+            callbacks.append(init["checkpoint"])
+        if self.subcommand == "fit":
+            callbacks += [init["resumable"], init["nan_guard"]]
+        if self.subcommand == "predict":
+            # Only where it has work: Lightning calls every callback at every hook of every step, ~5 µs each here.
+            callbacks.append(PredictionCSVWriter())
+        plugins = trainer.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(DurableCheckpointIO())
+        return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
 
     def after_fit(self) -> None:
         # `trainer.log_dir` broadcasts, a collective call that only process 0 would make here; the logger's does not.
@@ -169,21 +200,84 @@ class MNISTCLI(LightningCLI):
             print(f"Best checkpoint: {callback.best_model_path}", file=sys.stderr)
         if log_dir is not None:
             print(f"Run directory: {log_dir}", file=sys.stderr)
-            print(f"Curves: tensorboard --logdir {Path(log_dir).parent.parent}", file=sys.stderr)
+            print(f"Curves: tensorboard --logdir {self.trainer.default_root_dir}", file=sys.stderr)
 
 
-def _tensorboard_logger_args(config: Namespace) -> Namespace | None:
-    """The init_args of the configured TensorBoardLogger, editable in place; None for any other logger."""
+def _attribute(name: str):
+    def compute(data):
+        value = getattr(data, name)
+        return list(value) if isinstance(value, tuple | list) else value
+
+    return compute
+
+
+def _run_settings(saved: str) -> str:
+    """A run's saved config without the keys that belonged to the command that saved it."""
+    settings = yaml.safe_load(saved)
+    for key in COMMAND_KEYS:
+        settings.pop(key, None)
+    return yaml.safe_dump(settings, sort_keys=False)
+
+
+def _loggers(config: Namespace) -> list[Namespace]:
     logger = config.trainer.get("logger")
-    if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
-        return logger.init_args
-    return None
+    listed = logger if isinstance(logger, list) else [logger]
+    return [item for item in listed if isinstance(item, Namespace)]
 
 
-def _runs_root(config: Namespace, logger: Namespace | None) -> Path:
-    if logger is not None:
-        return Path(logger.save_dir) / (logger.get("name") or "")
-    return Path(config.trainer.get("default_root_dir") or ".") / "lightning_logs"
+def _checkpoint_roots(config: Namespace) -> list[Path]:
+    """Where runs of this config keep checkpoints: the loggers' folders, default_root_dir, the checkpoint dirpath."""
+    roots = [Path(config.trainer.get("default_root_dir") or ".")]
+    for logger in _loggers(config):
+        save_dir = (logger.get("init_args") or Namespace()).get("save_dir")
+        if save_dir:
+            roots.append(Path(save_dir))
+    if config.get("checkpoint") and config.checkpoint.get("dirpath"):
+        roots.append(Path(config.checkpoint.dirpath))
+    return list(dict.fromkeys(roots))
+
+
+def _continue_run_of(path: Path, config: Namespace) -> None:
+    """Log a resumed fit or an evaluation of a TensorBoard run's checkpoint into that run, beside its curves.
+
+    Other loggers open a new run of their own, as Lightning's do by default.
+    """
+    run_dir = path.parent.parent
+    if path.parent.name != "checkpoints":
+        return
+    logger = config.trainer.get("logger")
+    if logger in (None, True):
+        # Lightning's default logger, spelled out to give it the run's version.
+        if (
+            run_dir.parent.resolve()
+            != (Path(config.trainer.get("default_root_dir") or ".") / "lightning_logs").resolve()
+        ):
+            return
+        config.trainer.logger = Namespace(
+            class_path="pytorch_lightning.loggers.TensorBoardLogger",
+            init_args=Namespace(save_dir=config.trainer.get("default_root_dir") or ".", name="lightning_logs"),
+        )
+        logger = config.trainer.logger
+    first = _loggers(config)[:1]
+    if not first or not str(first[0].class_path).endswith("TensorBoardLogger"):
+        return
+    args = first[0].init_args
+    if run_dir.parent.resolve() == (Path(args.save_dir) / (args.get("name") or "")).resolve():
+        args.version = run_dir.name
+
+
+def _trust_globals_of(path: Path) -> None:
+    """Allow the Python objects of a checkpoint the user said to trust (--weights_only false).
+
+    Lightning's CLI reads a checkpoint's hyperparameters with ``weights_only=True`` whatever ``--weights_only`` says;
+    listing the file's own globals as safe lets that read succeed for this file only.
+    """
+    for name in torch.serialization.get_unsafe_globals_in_checkpoint(path):
+        module, _, attribute = name.rpartition(".")
+        try:
+            torch.serialization.add_safe_globals([getattr(importlib.import_module(module), attribute)])
+        except (ImportError, AttributeError):
+            continue  # torch.load will name it
 
 
 def run_cli(args=None) -> None:

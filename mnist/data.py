@@ -1,13 +1,19 @@
-"""MNIST as a LightningDataModule: torchvision finds, downloads and parses the files; batches come from memory."""
+"""Data modules for MNIST-format datasets: torchvision finds, downloads and parses the files; batches come from memory.
+
+``MNISTDataModule`` is the base: a subclass for another dataset in the same format (FashionMNIST, KMNIST) names
+its torchvision class and its pixel statistics, and nothing else. Each data module states what the model must know
+about its data — number of classes, their names, image shape, normalisation — and the command line passes it on
+(``link_arguments`` in ``mnist.cli``), so that none of it is written twice.
+"""
 
 import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+from jsonargparse.typing import PositiveInt
 from torch.utils.data import random_split
-from torchvision.datasets import MNIST
+from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 
 from mnist.errors import UserError
 from mnist.images import image_files, load_digits
@@ -20,11 +26,6 @@ IDX_FILES = {
     "t10k-images-idx3-ubyte": (0x0803, (28, 28)),
     "t10k-labels-idx1-ubyte": (0x0801, ()),
 }
-HOW_TO_GET = (
-    "download them on a machine with internet access (python main.py fit --config config.yaml does it, "
-    "or fetch them from a MNIST mirror and gunzip them) and copy them there, "
-    "or point --data.data_dir at a folder that holds MNIST/raw/"
-)
 
 
 def check_idx_file(path: Path, type_and_ndim: int, item_shape: tuple[int, ...]) -> int:
@@ -36,7 +37,7 @@ def check_idx_file(path: Path, type_and_ndim: int, item_shape: tuple[int, ...]) 
     with open(path, "rb") as f:
         header = f.read(4 + 4 * (1 + len(item_shape)))
     if len(header) < 8 or int.from_bytes(header[:4], "big") != type_and_ndim:
-        raise UserError(f"{path} is not an MNIST IDX file (wrong header); delete it and get it again")
+        raise UserError(f"{path} is not an IDX file of the expected kind (wrong header); delete it and get it again")
     count, *shape = (int.from_bytes(header[i : i + 4], "big") for i in range(4, len(header), 4))
     if tuple(shape) != item_shape:
         raise UserError(f"{path} holds items of shape {tuple(shape)}, expected {item_shape}")
@@ -53,46 +54,57 @@ def check_idx_file(path: Path, type_and_ndim: int, item_shape: tuple[int, ...]) 
 class MNISTDataModule(pl.LightningDataModule):
     """MNIST: 60,000 training images split into training and validation sets, and 10,000 test images.
 
+    Batches hold pixels in [0, 1], ``(B, 1, 28, 28)``; the model normalises them with this data module's ``mean``
+    and ``std``, so that an exported or served model takes raw pixels.
+
     Args:
-        data_dir: Folder holding ``MNIST/raw/`` (created when downloading).
+        data_dir: Folder holding ``<Dataset>/raw/`` (``MNIST/raw/`` here; created when downloading).
         batch_size: Samples per training batch.
         val_size: Training images held out for validation.
-        num_workers: CPU threads PyTorch may use (``torch.set_num_threads``), for loading and for training; 0 keeps
-            PyTorch's default. No loader worker processes are needed: batches are indexed from tensors in memory.
-        download: Download MNIST into ``data_dir`` when it is not there yet.
+        download: Download the dataset into ``data_dir`` when it is not there yet.
         seed: Seed of the train/validation split and of the shuffling order, independent of the global seed so
             that runs with different model seeds see the same data.
-        mean: Mean pixel value (in [0, 1]) subtracted from every image.
-        std: Standard deviation every image is divided by after subtracting ``mean``.
         eval_batch_size: Samples per validation, test and prediction batch; ``batch_size`` when not given.
-        predict_path: An image, or a folder of PNG / JPEG / BMP images, of handwritten digits for ``predict``;
-            the MNIST test set when not given.
+        predict_path: An image, or a folder of PNG / JPEG / BMP images, for ``predict``; the test set when not given.
     """
+
+    dataset = MNIST  # the torchvision class that downloads and parses the files
+    mean, std = 0.1307, 0.3081  # pixel statistics of the training images, in [0, 1]
+    image_shape = (1, 28, 28)
 
     def __init__(
         self,
         data_dir: str = "data",
         batch_size: PositiveInt = 32,
         val_size: PositiveInt = 5000,
-        num_workers: NonNegativeInt = 0,
         download: bool = True,
         seed: int = 42,
-        mean: float = 0.1307,
-        std: PositiveFloat = 0.3081,
         eval_batch_size: PositiveInt | None = None,
         predict_path: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.raw_dir = Path(data_dir) / "MNIST" / "raw"
+        # The data's settings go into the checkpoint (a run can be continued from it alone); the loggers get the
+        # run's settings from the command line, curated (mnist.cli.RunConfigSaver).
+        self.save_hyperparameters(logger=False)
+        self.raw_dir = Path(data_dir) / self.dataset.__name__ / "raw"
         self.train_images = self.train_labels = None
         self.val_images = self.val_labels = None
         self.test_images = self.test_labels = None
         self.predict_paths: list[Path] = []
 
     @property
+    def class_names(self) -> list[str]:
+        return list(self.dataset.classes)
+
+    @property
     def num_classes(self) -> int:
-        return 10
+        return len(self.class_names)
+
+    def _how_to_get(self) -> str:
+        return (
+            f"download them on a machine with internet access (python main.py fit does it) and copy them there, "
+            f"or point --data.data_dir at a folder that holds {self.dataset.__name__}/raw/"
+        )
 
     def _missing_files(self) -> list[Path]:
         return [self.raw_dir / name for name in IDX_FILES if not (self.raw_dir / name).is_file()]
@@ -102,53 +114,50 @@ class MNISTDataModule(pl.LightningDataModule):
         if missing:
             names = ", ".join(p.name for p in missing)
             hint = "" if self.hparams.download else " (downloading is off: --data.download false)"
-            raise UserError(f"MNIST not found{hint}: expected {names} in {self.raw_dir}/; {HOW_TO_GET}")
+            raise UserError(
+                f"{self.dataset.__name__} not found{hint}: expected {names} in {self.raw_dir}/; {self._how_to_get()}"
+            )
         return {name: check_idx_file(self.raw_dir / name, *spec) for name, spec in IDX_FILES.items()}
 
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """All images of one MNIST file, normalised, ``(N, 1, 28, 28)`` float32, and their labels ``(N,)``."""
-        dataset = MNIST(self.hparams.data_dir, train=train, download=False)
+        """All images of one split as pixels in [0, 1], ``(N, 1, 28, 28)`` float32, and their labels ``(N,)``."""
+        dataset = self.dataset(self.hparams.data_dir, train=train, download=False)
         images = dataset.data.unsqueeze(1)  # (N, 28, 28) uint8 -> (N, 1, 28, 28)
         labels = dataset.targets
         if labels.numel() and int(labels.max()) >= self.num_classes:
             name = "train" if train else "t10k"
-            raise UserError(f"{self.raw_dir / name}-labels-idx1-ubyte holds labels above 9; get it again")
+            raise UserError(
+                f"{self.raw_dir / name}-labels-idx1-ubyte holds labels above {self.num_classes - 1}; get it again"
+            )
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        images = self._normalise(images.to(device).float().div_(255))
-        return images, labels.to(device)
+        return images.to(device).float().div_(255), labels.to(device)
 
     def prepare_data(self) -> None:
         if self.trainer is not None and self.trainer.state.fn == "predict" and self.hparams.predict_path:
-            return  # the user's own images need no MNIST
+            return  # the user's own images need no dataset
         # Lightning calls prepare_data on one process per node, so the download never races with itself.
         if self._missing_files() and self.hparams.download:
             try:
                 for train in (True, False):
-                    MNIST(self.hparams.data_dir, train=train, download=True)
+                    self.dataset(self.hparams.data_dir, train=train, download=True)
             except Exception as err:  # torchvision raises several types for one cause: no network
                 # torchvision's message lists every mirror it tried; the last line holds the cause.
                 cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
                 raise UserError(
-                    f"could not download MNIST into {self.raw_dir}/ ({cause}). "
-                    f"Expected {', '.join(IDX_FILES)} there; {HOW_TO_GET}"
+                    f"could not download {self.dataset.__name__} into {self.raw_dir}/ ({cause}). "
+                    f"Expected {', '.join(IDX_FILES)} there; {self._how_to_get()}"
                 ) from err
         self._check_files()
-
-    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] as the network was trained on them; in place, as these hold the whole data set."""
-        return images.sub_(self.hparams.mean).div_(self.hparams.std)
 
     def setup(self, stage: str) -> None:
         if stage == "predict" and self.hparams.predict_path:
             images, self.predict_paths, skipped = load_digits(image_files(Path(self.hparams.predict_path)))
             for line in skipped:
                 print(line, file=sys.stderr)
-            self.test_images = self._normalise(images)
+            self.test_images = images
             self.test_labels = torch.full((len(images),), -1)  # unknown
             return
         counts = self._check_files()
-        if self.hparams.num_workers:
-            torch.set_num_threads(self.hparams.num_workers)
         if stage in ("fit", "validate") and self.train_images is None:
             n_train = counts["train-images-idx3-ubyte"]
             if self.hparams.val_size >= n_train:
@@ -194,3 +203,37 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> BatchLoader:
         return self._eval_loader(self.test_images, self.test_labels)
+
+
+class FashionMNISTDataModule(MNISTDataModule):
+    """Fashion-MNIST: Zalando's 28 × 28 grey pictures of ten kinds of clothing, in MNIST's format and split sizes.
+
+    Args:
+        data_dir: Folder holding ``FashionMNIST/raw/`` (created when downloading).
+        batch_size: Samples per training batch.
+        val_size: Training images held out for validation.
+        download: Download the dataset into ``data_dir`` when it is not there yet.
+        seed: Seed of the train/validation split and of the shuffling order.
+        eval_batch_size: Samples per validation, test and prediction batch; ``batch_size`` when not given.
+        predict_path: An image, or a folder of images, for ``predict``; the test set when not given.
+    """
+
+    dataset = FashionMNIST
+    mean, std = 0.2860, 0.3530
+
+
+class KMNISTDataModule(MNISTDataModule):
+    """Kuzushiji-MNIST: ten cursive Japanese (hiragana) characters, in MNIST's format and split sizes.
+
+    Args:
+        data_dir: Folder holding ``KMNIST/raw/`` (created when downloading).
+        batch_size: Samples per training batch.
+        val_size: Training images held out for validation.
+        download: Download the dataset into ``data_dir`` when it is not there yet.
+        seed: Seed of the train/validation split and of the shuffling order.
+        eval_batch_size: Samples per validation, test and prediction batch; ``batch_size`` when not given.
+        predict_path: An image, or a folder of images, for ``predict``; the test set when not given.
+    """
+
+    dataset = KMNIST
+    mean, std = 0.1918, 0.3483

@@ -14,11 +14,9 @@ import torch
 from torch import nn
 from torchvision.datasets import MNIST
 
-from mnist.data import MNISTDataModule
 from mnist.errors import UserError, exit_with_message
 from mnist.model import MNISTClassifier
 from mnist.runs import check_checkpoint
-from mnist.shutdown import run_then_exit
 
 TOLERANCE = 1e-4  # largest difference in logits allowed between the export and the checkpoint
 FORMATS = ("onnx", "torch.export")
@@ -43,12 +41,10 @@ class RawPixelClassifier(nn.Module):
 
 
 def load(ckpt_path: Path) -> RawPixelClassifier:
-    checkpoint = check_checkpoint(ckpt_path)
-    # The normalisation the network was trained with; the data module's defaults for a checkpoint without it.
-    saved = checkpoint.get("datamodule_hyper_parameters", {})
-    data = MNISTDataModule(**{k: v for k, v in saved.items() if k in ("mean", "std")}).hparams
+    check_checkpoint(ckpt_path)
     model = MNISTClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-    return RawPixelClassifier(model.network, data.mean, data.std).eval()
+    # The normalisation the network was trained with, as the data module stated it to the model.
+    return RawPixelClassifier(model.network, model.hparams.mean, model.hparams.std).eval()
 
 
 def sample_pixels(data_dir: str, count: int = 256) -> torch.Tensor:
@@ -123,4 +119,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_then_exit(main)
+    main()

@@ -38,15 +38,16 @@ class WorstMistakes(nn.Module):
 
     Args:
         k: How many to keep.
+        image_shape: Shape of one image, ``(channels, height, width)``.
     """
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, image_shape: tuple[int, int, int]) -> None:
         super().__init__()
-        self.k = k
+        self.k, self.image_shape = k, tuple(image_shape)
         self.reset()
 
     def reset(self) -> None:
-        self.images = torch.empty(0, 1, 28, 28)
+        self.images = torch.empty(0, *self.image_shape)
         self.scores = torch.empty(0)  # confidence of a wrong prediction; -1 for a right one
         self.targets = torch.empty(0, dtype=torch.long)
         self.predictions = torch.empty(0, dtype=torch.long)
@@ -71,7 +72,7 @@ class WorstMistakes(nn.Module):
             # Every process sends exactly k entries (padded with non-mistakes), as all_gather needs equal shapes.
             pad = self.k - len(scores)
             device = module.device
-            images = torch.cat([images.to(device), torch.zeros(pad, 1, 28, 28, device=device)])
+            images = torch.cat([images.to(device), torch.zeros(pad, *self.image_shape, device=device)])
             scores = torch.cat([scores.to(device), torch.full((pad,), -1.0, device=device)])
             targets = torch.cat([targets.to(device), torch.zeros(pad, dtype=torch.long, device=device)])
             predictions = torch.cat([predictions.to(device), torch.zeros(pad, dtype=torch.long, device=device)])

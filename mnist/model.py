@@ -1,21 +1,22 @@
 """The LightningModule: trains any network from ``mnist.networks`` with cross-entropy and logs its metrics."""
 
+from collections.abc import Callable
 from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
-from pytorch_lightning.loggers import TensorBoardLogger
-from torch import nn
-from torch.utils.tensorboard.summary import hparams as hparams_summary
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, MinMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from mnist.errors import UserError
 from mnist.metrics import LossAccuracy, WorstMistakes
-from mnist.networks import MLP
+from mnist.networks import MLP, Network
+from mnist.reporting import log_image
 from mnist.visuals import confusion_matrix_image, digit_grid_image
+
+WORST_SHOWN = 16
 
 
 def sgd(params) -> torch.optim.Optimizer:
@@ -24,44 +25,66 @@ def sgd(params) -> torch.optim.Optimizer:
 
 
 class MNISTClassifier(pl.LightningModule):
-    """Classifies MNIST digits with a configurable network, optimizer and learning-rate schedule.
+    """Classifies images with a configurable network, optimizer and learning-rate schedule.
+
+    The model takes pixels in [0, 1] and normalises them itself, so that a checkpoint, an export or a server needs
+    nothing from the data module. ``num_classes``, ``image_shape``, ``mean``, ``std`` and ``class_names`` describe
+    the data: the command line takes them from the data module.
 
     Args:
-        network: The network mapping images ``(B, 1, 28, 28)`` to logits ``(B, num_classes)``; the tutorial's
-            ``MLP`` when not given.
-        optimizer: Optimizer class and its arguments, e.g. ``--model.optimizer SGD --model.optimizer.lr 0.1``;
-            SGD with lr 0.01 when not given.
-        lr_scheduler: Optional learning-rate scheduler class and its arguments.
-        scheduler_interval: When the scheduler steps: after every ``epoch`` or every training ``step``.
-        num_classes: Number of classes the network predicts.
+        num_classes: Number of classes.
+        image_shape: Shape of one image, ``(channels, height, width)``.
+        mean: Mean pixel value of the training images, subtracted before the network.
+        std: Standard deviation of the training pixels, divided by after subtracting ``mean``.
+        class_names: Name of each class, for predictions and pictures.
+        network: The network: a ``mnist.networks.Network`` class and its own arguments, e.g.
+            ``--model.network mnist.networks.ConvNet``; the tutorial's ``MLP`` when not given.
+        optimizer: Optimizer class and its arguments, e.g. ``--model.optimizer Adam
+            --model.optimizer.init_args.lr 0.001``; SGD with lr 0.01 when not given.
+        lr_scheduler: Optional learning-rate scheduler class and its arguments. A ``OneCycleLR`` without
+            ``total_steps`` spans the whole run, stepped every batch.
+        scheduler_interval: When any other scheduler steps: after every ``epoch`` or every training ``step``.
     """
 
     def __init__(
         self,
-        network: nn.Module | None = None,
+        num_classes: int,
+        image_shape: tuple[int, int, int],
+        mean: float,
+        std: float,
+        class_names: list[str] | None = None,
+        network: Callable[[tuple[int, int, int], int], Network] | None = None,
         optimizer: OptimizerCallable = sgd,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
-        num_classes: int = 10,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.network = network if network is not None else MLP(num_classes=num_classes)
+        # Into the checkpoint, so that it can be loaded and continued alone; the loggers get a curated summary of
+        # the whole run instead (mnist.cli.RunConfigSaver).
+        self.save_hyperparameters(logger=False)
+        self.class_names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
+        self.network = (
+            network(tuple(image_shape), num_classes) if network is not None else MLP(image_shape, num_classes)
+        )
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
+        self.checkpoint_step: int | None = None  # the training step of the checkpoint an evaluation loaded
         # Training metrics accumulate in one cheap update (see LossAccuracy); validation and test use torchmetrics'
         # own, one object per stage and quantity, so that each is reset and synced across processes on its own.
         # The loss is a weighted mean, exact with a smaller last batch and across processes. Accuracy is the share of
         # right predictions ("micro"), not torchmetrics' default mean over classes.
         self.train_metrics = LossAccuracy()
+        self.val_loss_best = MinMetric()
+        self.val_loss_best.persistent(True)  # in checkpoints: a resumed run goes on from the best so far
         for stage in ("val", "test"):
             setattr(self, f"{stage}_loss", MeanMetric())
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
             setattr(self, f"{stage}_confusion", MulticlassConfusionMatrix(num_classes))
-            setattr(self, f"{stage}_worst", WorstMistakes(WORST_SHOWN))
+            setattr(self, f"{stage}_worst", WorstMistakes(WORST_SHOWN, image_shape))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` for images ``(B, C, H, W)`` with pixels in [0, 1]."""
+        return self.network((pixels - self.hparams.mean) / self.hparams.std)
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
@@ -79,9 +102,21 @@ class MNISTClassifier(pl.LightningModule):
             getattr(self, f"{stage}_worst").update(x, y, logits)
         return loss
 
+    def _step_axis(self) -> float:
+        """The x-axis value for an epoch's values: the training step, or the evaluated checkpoint's."""
+        if self.trainer.state.fn != "fit" and self.checkpoint_step is not None:
+            return float(self.checkpoint_step)
+        return float(self.global_step)
+
     def _log_evaluation(self, stage: str) -> None:
-        self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"), prog_bar=True)
-        self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), prog_bar=stage == "val")
+        loss, acc = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log(f"{stage}/acc", acc, prog_bar=stage == "val")
+        if stage == "val" and not self.trainer.sanity_checking:
+            self.val_loss_best.update(loss.compute())
+            self.log("val/loss_best", self.val_loss_best.compute())
+        # Lightning puts a value named `step` on the x-axis: evaluations of a checkpoint then sit at its step.
+        self.log("step", self._step_axis())
         self._log_pictures(stage)
 
     def _log_pictures(self, stage: str) -> None:
@@ -90,26 +125,25 @@ class MNISTClassifier(pl.LightningModule):
         mistakes = worst.gather(self)
         confusion.reset()
         worst.reset()
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero or not self.loggers:
             return
-        if not isinstance(self.logger, TensorBoardLogger):
-            return
-        step = self.global_step
-        writer = self.logger.experiment
-        writer.add_image(f"{stage}/confusion_matrix", confusion_matrix_image(matrix), step, dataformats="HWC")
+        step = int(self._step_axis())
+        title = f"{stage} at step {step}: accuracy {matrix.diag().sum() / matrix.sum().clamp(min=1):.2%}"
+        picture = confusion_matrix_image(matrix, title, self.class_names)
+        log_image(self.loggers, f"{stage}/confusion_matrix", picture, step)
         images, targets, predictions, confidences = mistakes
         if len(images):
-            data = self.trainer.datamodule.hparams
-            pixels = images * data.std + data.mean  # back to [0, 1] for display
-            grid = digit_grid_image(pixels, targets, predictions, confidences)
-            writer.add_image(f"{stage}/most_confident_mistakes", grid, step, dataformats="HWC")
+            grid = digit_grid_image(images, targets, predictions, confidences, self.class_names)
+            log_image(self.loggers, f"{stage}/most_confident_mistakes", grid, step)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
-        # The step curve. Lightning writes step values only every `log_every_n_steps` steps, and a `self.log`
-        # call costs about as much as this network's whole step, so it is made only on those steps.
+        # The step curves. Lightning writes step values only every `log_every_n_steps` steps, and a `self.log`
+        # call costs about as much as this network's whole step, so they are logged only on those steps.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             self.log("train/loss", loss.detach(), prog_bar=True)
+            self.log_dict({"train/lr": lr, "step": float(self.global_step)})
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -126,6 +160,7 @@ class MNISTClassifier(pl.LightningModule):
         self.train_metrics.reset()
         self.log("train/loss_epoch", values["loss"], sync_dist=True)
         self.log("train/acc", values["acc"], sync_dist=True)
+        self.log("step", self._step_axis())
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
@@ -139,36 +174,52 @@ class MNISTClassifier(pl.LightningModule):
         confidence, prediction = probs.max(dim=1)
         return {"target": y, "prediction": prediction, "confidence": confidence, "probs": probs}
 
+    def spans_run(self) -> bool:
+        """Whether the scheduler is a one-cycle schedule left to span the whole run (no ``total_steps``)."""
+        # Under LightningCLI the hyperparameters hold the scheduler as configured (class_path and init_args).
+        spec = self.hparams.get("lr_scheduler")
+        if not isinstance(spec, dict) or not str(spec.get("class_path", "")).endswith("OneCycleLR"):
+            return False
+        given = spec.get("init_args") or {}
+        return not (given.get("total_steps") or (given.get("epochs") and given.get("steps_per_epoch")))
+
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
         if self.lr_scheduler is None:
             return optimizer
-        interval = self.hparams.scheduler_interval
-        given = getattr(self.lr_scheduler, "keywords", {})
-        extra = {}
-        if "total_steps" in given and not (
-            given["total_steps"] or (given.get("epochs") and given.get("steps_per_epoch"))
-        ):
-            # A schedule whose `total_steps` is left empty (OneCycleLR) spans the whole run, stepping every batch:
-            # the config then stays right when the batch size, the split or the number of epochs changes.
-            extra["total_steps"] = int(self.trainer.estimated_stepping_batches)
-            interval = "step"
-        scheduler = self.lr_scheduler(optimizer, **extra)
+        if self.spans_run():
+            # The config stays right when the batch size, the split or the number of epochs changes.
+            total_steps = int(self.trainer.estimated_stepping_batches)
+            scheduler, interval = self.lr_scheduler(optimizer, total_steps=total_steps), "step"
+        else:
+            scheduler, interval = self.lr_scheduler(optimizer), self.hparams.scheduler_interval
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": interval, "monitor": "val/loss"},
         }
 
-    def on_fit_start(self) -> None:
-        # Lightning only fills TensorBoard's hparams tab with a placeholder `hp_metric`; declaring the real
-        # validation metrics makes the tab show each run's hyperparameters against its val/loss and val/acc.
-        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
-            params = _flatten({"model": dict(self.hparams), "data": dict(self.trainer.datamodule.hparams)})
-            writer = self.logger.experiment._get_file_writer()
-            for summary in hparams_summary(params, {"val/loss": 0.0, "val/acc": 0.0}):
-                writer.add_summary(summary)
+    def on_train_start(self) -> None:
+        # Here the trainer has restored a checkpoint it resumes from: say in one line what cannot go on.
+        trainer = self.trainer
+        if trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs:
+            raise UserError(
+                f"the checkpoint has already trained {trainer.current_epoch} epochs and --trainer.max_epochs is "
+                f"{trainer.max_epochs}: nothing to continue; raise --trainer.max_epochs above {trainer.current_epoch}"
+            )
+        for config in trainer.lr_scheduler_configs:
+            total = getattr(config.scheduler, "total_steps", None)
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.OneCycleLR) and total is not None:
+                needed = int(trainer.estimated_stepping_batches)
+                if needed > total:
+                    raise UserError(
+                        f"the checkpoint's one-cycle schedule spans {total} steps and has run "
+                        f"{config.scheduler.last_epoch} of them; this run needs {needed}. A one-cycle schedule cannot "
+                        "be extended: start a new run with the epochs you want (fit without --ckpt_path), or continue "
+                        "with the same --trainer.max_epochs as the run was made with"
+                    )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.checkpoint_step = checkpoint.get("global_step")
         # Lightning would fail later with a page of size mismatches; one line says what is wrong.
         expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
@@ -179,25 +230,3 @@ class MNISTClassifier(pl.LightningModule):
                 f"first {differ[0]}: checkpoint {found.get(differ[0])}, configured {expected.get(differ[0])}); "
                 "drop the --model settings or --config that change the network, or use a matching checkpoint"
             )
-
-
-WORST_SHOWN = 16
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """Flatten nested hyperparameters to ``{"model.network.init_args.hidden_sizes": "[256, 128]", ...}``.
-
-    Lightning's private entries (``_instantiator``) are left out: they are not hyperparameters.
-    """
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if str(key).startswith("_"):
-            continue
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat

@@ -1,25 +1,49 @@
-"""Networks that map a batch of images ``(B, 1, 28, 28)`` to class logits ``(B, num_classes)``.
+"""Networks that map a batch of images ``(B, C, H, W)`` to class logits ``(B, num_classes)``.
 
-They are plain ``nn.Module``s, chosen in the config through ``model.network.class_path``.
+A network is a ``Network`` whose first two arguments are the image shape and the number of classes. Both come from
+the data module, so the config names only the network's own settings::
+
+    model:
+      network:
+        class_path: mnist.networks.MLP
+        init_args:
+          hidden_sizes: [256, 128]
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 
-class MLP(nn.Module):
-    """The tutorial's multilayer perceptron: 784 → 256 → 128 → 10 with ReLU.
+class Network(nn.Module):
+    """Base of the networks the model accepts; subclass it to add your own.
 
     Args:
-        hidden_sizes: Width of each hidden layer, input side first.
+        image_shape: Shape of one input image, ``(channels, height, width)``.
         num_classes: Number of output logits.
     """
 
-    def __init__(self, hidden_sizes: Sequence[int] = (256, 128), num_classes: int = 10) -> None:
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__()
-        sizes = [28 * 28, *hidden_sizes]
+        self.image_shape, self.num_classes = tuple(image_shape), num_classes
+
+
+class MLP(Network):
+    """The tutorial's multilayer perceptron: 784 → 256 → 128 → 10 with ReLU.
+
+    Args:
+        image_shape: Shape of one input image, ``(channels, height, width)``.
+        num_classes: Number of output logits.
+        hidden_sizes: Width of each hidden layer, input side first.
+    """
+
+    def __init__(
+        self, image_shape: tuple[int, int, int], num_classes: int, hidden_sizes: Sequence[int] = (256, 128)
+    ) -> None:
+        super().__init__(image_shape, num_classes)
+        sizes = [math.prod(image_shape), *hidden_sizes]
         layers: list[nn.Module] = [nn.Flatten()]  # (B, 1, 28, 28) -> (B, 784)
         for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(n_in, n_out), nn.ReLU()]
@@ -30,25 +54,27 @@ class MLP(nn.Module):
         return self.layers(x)
 
 
-class ConvNet(nn.Module):
+class ConvNet(Network):
     """A small VGG-style CNN: two blocks of two 3×3 convolutions, batch norm and max pooling, then a linear head.
 
     Args:
+        image_shape: Shape of one input image, ``(channels, height, width)``; height and width divisible by 4.
+        num_classes: Number of output logits.
         channels: Output channels of the first and second block.
         hidden_size: Width of the hidden linear layer.
         dropout: Dropout probability before each linear layer.
-        num_classes: Number of output logits.
     """
 
     def __init__(
         self,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
         channels: Sequence[int] = (32, 64),
         hidden_size: int = 128,
         dropout: float = 0.25,
-        num_classes: int = 10,
     ) -> None:
-        super().__init__()
-        c1, c2 = channels
+        super().__init__(image_shape, num_classes)
+        (c1, c2), (c_in, height, width) = channels, image_shape
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
             return nn.Sequential(
@@ -61,11 +87,11 @@ class ConvNet(nn.Module):
                 nn.MaxPool2d(2),
             )
 
-        self.features = nn.Sequential(block(1, c1), block(c1, c2))  # (B, c2, 7, 7)
+        self.features = nn.Sequential(block(c_in, c1), block(c1, c2))  # (B, c2, H/4, W/4)
         self.head = nn.Sequential(
-            nn.Flatten(),  # (B, c2 * 49)
+            nn.Flatten(),  # (B, c2 * H/4 * W/4)
             nn.Dropout(dropout),
-            nn.Linear(c2 * 7 * 7, hidden_size),
+            nn.Linear(c2 * (height // 4) * (width // 4), hidden_size),
             nn.ReLU(),
             nn.Dropout(dropout),
             nn.Linear(hidden_size, num_classes),

@@ -1,62 +1,63 @@
-"""Run directories (``<save_dir>/<name>/version_N``) and the checkpoints inside them.
+"""Finding runs and their checkpoints on disk, whichever logger wrote them.
 
-Lightning resolves ``--ckpt_path best`` / ``last`` only from the ModelCheckpoint of the process that trained;
-in a new process it has nothing to look at. These functions find the files on disk instead.
+Lightning resolves ``--ckpt_path best`` / ``last`` only from the ModelCheckpoint of the process that trained; in a
+new process it has nothing to look at. Lightning's ModelCheckpoint writes into ``<save_dir>/<name>/<version>/
+checkpoints/`` of the first logger (TensorBoard, CSV, MLflow and W&B alike), or ``<default_root_dir>/checkpoints/``
+without a logger; these functions look in both places. A run's checkpoints also carry the run's whole config
+(``RUN_CONFIG_KEY``), so that a run can be evaluated or continued from a checkpoint alone.
 """
 
 import pickle
-import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from mnist.errors import UserError
 
-_VERSION = re.compile(r"version_(\d+)")
+RUN_CONFIG_KEY = "RunConfig"  # the state key under which a checkpoint's "callbacks" entry holds the run's config
 
 
-def run_version(run_dir: Path) -> int | None:
-    """``N`` for a directory named ``version_N``, else None."""
-    match = _VERSION.fullmatch(run_dir.name)
-    return int(match.group(1)) if match else None
+def checkpoint_dirs(roots: Iterable[Path]) -> list[Path]:
+    """The ``checkpoints`` folders holding ``*.ckpt`` files under any of ``roots``, at the depths Lightning uses."""
+    found = set()
+    for root in roots:
+        for pattern in ("*.ckpt", "checkpoints/*.ckpt", "*/*/checkpoints/*.ckpt"):
+            found.update(path.parent for path in Path(root).glob(pattern))
+    return sorted(found)
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("*.ckpt"))
+def newest_checkpoint_dir(roots: list[Path]) -> Path:
+    """The checkpoint folder that was written to last: the newest run's."""
+    dirs = checkpoint_dirs(roots)
+    if not dirs:
+        where = " or ".join(f"{root}/" for root in roots)
+        raise UserError(f"no checkpoint found under {where}; train one first with: python main.py fit")
+    return max(dirs, key=lambda d: max(p.stat().st_mtime for p in d.glob("*.ckpt")))
 
 
-def newest_run_with_checkpoints(runs_root: Path) -> Path:
-    """The ``version_N`` directory with the highest N that holds at least one checkpoint."""
-    runs = [p for p in runs_root.glob("version_*") if p.is_dir() and run_version(p) is not None]
-    for run in sorted(runs, key=run_version, reverse=True):
-        if checkpoints(run):
-            return run
-    raise UserError(f"no checkpoint found in any run under {runs_root}/; train one first with: python main.py fit")
-
-
-def last_checkpoint(run_dir: Path) -> Path:
-    last = run_dir / "checkpoints" / "last.ckpt"
+def last_checkpoint(ckpt_dir: Path) -> Path:
+    last = ckpt_dir / "last.ckpt"
     if last.is_file():
         return last
-    return max(checkpoints(run_dir), key=lambda p: p.stat().st_mtime)
+    return max(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
 
 
-def best_checkpoint(run_dir: Path) -> Path:
+def best_checkpoint(ckpt_dir: Path) -> Path:
     """The checkpoint the run's ModelCheckpoint ranked best, as recorded in its ``last.ckpt``."""
-    candidates = [p for p in checkpoints(run_dir) if not p.name.startswith("last")]
-    last = run_dir / "checkpoints" / "last.ckpt"
+    candidates = [p for p in ckpt_dir.glob("*.ckpt") if not p.name.startswith("last")]
+    last = ckpt_dir / "last.ckpt"
     if last.is_file():
         state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
         for key, value in state.items():
             best = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
             # The recorded path may be absolute or from another working directory: match by file name.
-            if best and (run_dir / "checkpoints" / Path(best).name).is_file():
-                return run_dir / "checkpoints" / Path(best).name
+            if best and (ckpt_dir / Path(best).name).is_file():
+                return ckpt_dir / Path(best).name
     if len(candidates) == 1:
         return candidates[0]
     raise UserError(
-        f"cannot tell which checkpoint in {run_dir / 'checkpoints'} is best (no ModelCheckpoint record); "
-        "pass --ckpt_path with a file"
+        f"cannot tell which checkpoint in {ckpt_dir} is best (no ModelCheckpoint record); pass --ckpt_path with a file"
     )
 
 
@@ -87,3 +88,9 @@ def check_checkpoint(path: Path, weights_only: bool = True) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{path} is not a Lightning checkpoint (it holds no state_dict)")
     return checkpoint
+
+
+def saved_config(checkpoint: dict) -> str | None:
+    """The YAML config of the run that wrote ``checkpoint``, or None for a checkpoint from elsewhere."""
+    state = checkpoint.get("callbacks", {}).get(RUN_CONFIG_KEY, {})
+    return state.get("config") if isinstance(state, dict) else None

@@ -4,11 +4,23 @@ from pathlib import Path
 
 import pytest
 
+from mnist.data import MNISTDataModule
 from tests.fake_mnist import write_fake_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config.yaml"
 N_TRAIN, N_TEST, VAL_SIZE = 600, 200, 100
+RUNS = Path("logs") / "lightning_logs"  # where config.yaml's runs go, relative to the working directory
+
+# What the command line passes from the data module to the model, for tests that build a model alone.
+_DATA = MNISTDataModule()
+DATA_INFO = {
+    "num_classes": _DATA.num_classes,
+    "image_shape": _DATA.image_shape,
+    "mean": _DATA.mean,
+    "std": _DATA.std,
+    "class_names": _DATA.class_names,
+}
 
 
 @pytest.fixture(scope="session")
@@ -34,12 +46,12 @@ def fast_args(mnist_dir) -> list[str]:
 
 
 def cli_in_process(args: list[str]) -> None:
-    """Run ``main.cli_main(args)`` in this process (seconds faster than a new one), with pytest's own argv out."""
-    import main
+    """Run the command line of ``main.py`` in this process (seconds faster than a new one), pytest's own argv out."""
+    from mnist.cli import run_cli
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["main.py"])
-        main.cli_main(args)
+        run_cli(args)
 
 
 def run_main(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

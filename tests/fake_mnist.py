@@ -26,9 +26,14 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def write_fake_mnist(data_dir: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
-    """Write ``data_dir/MNIST/raw/`` with the four MNIST files; returns the raw folder."""
-    raw = Path(data_dir) / "MNIST" / "raw"
+def write_fake_mnist(
+    data_dir: Path, n_train: int = 600, n_test: int = 200, seed: int = 0, folder: str = "MNIST"
+) -> Path:
+    """Write ``data_dir/<folder>/raw/`` with the four files of MNIST's format; returns the raw folder.
+
+    ``folder`` is the torchvision dataset's class name: MNIST, FashionMNIST, KMNIST.
+    """
+    raw = Path(data_dir) / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for train, n in ((True, n_train), (False, n_test)):

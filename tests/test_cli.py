@@ -8,9 +8,12 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+from torchvision.datasets import MNIST
 
 from tests.conftest import CONFIG, N_TEST, run_main
 from tests.conftest import cli_in_process as cli
+
+RUN = Path("logs") / "lightning_logs" / "version_0"
 
 
 def scalars(run_dir: Path) -> dict[str, list]:
@@ -34,22 +37,27 @@ def trained(tmp_path_factory, mnist_dir):
 
 
 def test_fit_writes_one_run_directory(trained):
-    run = trained / "logs" / "mnist" / "version_0"
-    assert sorted(p.name for p in (trained / "logs" / "mnist").iterdir()) == ["version_0"]
+    run = trained / "logs" / "lightning_logs" / "version_0"
+    assert sorted(p.name for p in (trained / "logs" / "lightning_logs").iterdir()) == ["version_0"]
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in names and any(n.startswith("epoch01-val_loss") for n in names)
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["network"]["init_args"]["hidden_sizes"] == [256, 128]
-    assert config["data"]["batch_size"] == 32 and config["trainer"]["max_epochs"] == 2
+    assert config["data"]["init_args"]["batch_size"] == 32 and config["trainer"]["max_epochs"] == 2
 
 
 def test_tensorboard_has_the_curves_and_real_hparams_metrics(trained):
-    run = trained / "logs" / "mnist" / "version_0"
+    run = trained / "logs" / "lightning_logs" / "version_0"
     curves = scalars(run)
     for tag in ("train/loss", "train/loss_epoch", "val/loss", "val/acc", "train/acc"):
         assert tag in curves, sorted(curves)
-    assert any(tag.startswith("lr-SGD") for tag in curves)
+    assert "train/lr" in curves and all(s.value == pytest.approx(0.01) for s in curves["train/lr"])
     assert len(curves["train/loss"]) >= 2 and len(curves["val/loss"]) == 2
+    # Epoch values and pictures sit at the training step they were taken at; nothing sorts ahead of the groups.
+    steps_per_epoch = -(-500 // 32)
+    assert [s.step for s in curves["val/loss"]] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert [s.step for s in curves["train/acc"]] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert all(tag.split("/")[0] in ("train", "val", "test") for tag in curves), sorted(curves)
     assert "hp_metric" not in curves
     events = EventAccumulator(str(run))
     events.Reload()
@@ -57,17 +65,30 @@ def test_tensorboard_has_the_curves_and_real_hparams_metrics(trained):
     plugin_data = plugin_data_pb2.HParamsPluginData.FromString(experiment)
     metrics = {m.name.tag for m in plugin_data.experiment.metric_infos}
     params = {h.name for h in plugin_data.experiment.hparam_infos}
-    assert metrics == {"val/loss", "val/acc"}
-    assert {"model.optimizer.init_args.lr", "data.batch_size"} <= params
-    assert not any("_instantiator" in name for name in params)
+    assert metrics == {"val/loss_best", "val/acc", "test/loss", "test/acc"}
+    assert ["lr", "batch_size", "network", "optimizer", "lr_scheduler"] == [
+        h.name for h in plugin_data.experiment.hparam_infos
+    ][:5]
+    assert {"max_epochs", "seed", "data.seed", "precision", "preset", "dataset", "network.hidden_sizes"} <= params
+    assert not any("dir" in name or "_instantiator" in name or "foreach" in name for name in params)
 
 
 def test_test_in_a_new_process_from_best_without_config(trained, mnist_dir):
     result = run_main(["test", "--ckpt_path", "best", "--data.data_dir", str(mnist_dir)], cwd=trained)
     assert result.returncode == 0, result.stderr
-    assert "Using the best checkpoint of logs/mnist/version_0: logs/mnist/version_0/checkpoints/epoch" in result.stderr
+    assert (
+        "Using the best checkpoint of logs/lightning_logs/version_0: logs/lightning_logs/version_0/checkpoints/epoch"
+        in result.stderr
+    )
+    assert "Using the config of the run that wrote" in result.stderr
     assert "test/acc" in result.stdout and "test/loss" in result.stdout
-    assert "test/acc" in scalars(trained / "logs" / "mnist" / "version_0" / "test")
+    # In the run itself, at the tested checkpoint's step, where HParams finds it.
+    curves = scalars(trained / "logs" / "lightning_logs" / "version_0")
+    best_step = torch.load(next((trained / RUN / "checkpoints").glob("epoch*.ckpt")), weights_only=True)["global_step"]
+    assert [s.step for s in curves["test/acc"]] == [best_step]
+    # The run's own config: evaluation in batches of 1000 (config.yaml), not the command line's default 32.
+    saved = yaml.safe_load(max((trained / RUN).glob("config-*.yaml")).read_text())
+    assert saved["data"]["init_args"]["eval_batch_size"] == 1000
 
 
 @pytest.mark.parametrize("which", ["best", "last"])
@@ -78,7 +99,7 @@ def test_validate_resolves_best_and_last(trained, mnist_dir, capsys, which):
              "--data.val_size", "100", "--trainer.enable_progress_bar", "false"])  # fmt: skip
     err = capsys.readouterr().err
     expected = "last.ckpt" if which == "last" else "epoch01-val_loss"
-    assert f"Using the {which} checkpoint of logs/mnist/version_0: logs/mnist/version_0/checkpoints/{expected}" in err
+    assert f"Using the {which} checkpoint of {RUN}: {RUN}/checkpoints/{expected}" in err
 
 
 def test_predict_writes_a_csv_into_the_run(trained, mnist_dir, capsys):
@@ -87,13 +108,12 @@ def test_predict_writes_a_csv_into_the_run(trained, mnist_dir, capsys):
         cli(["predict", "--config", str(CONFIG), "--ckpt_path", "best", "--data.data_dir", str(mnist_dir),
              "--trainer.enable_progress_bar", "false"])  # fmt: skip
     out = capsys.readouterr().out
-    path = next((trained / "logs" / "mnist" / "version_0" / "predict").glob("predictions-*.csv"))
-    assert f"written to logs/mnist/version_0/predict/{path.name}" in out
+    path = next((trained / "logs" / "lightning_logs" / "version_0").glob("predictions-*.csv"))
+    assert f"written to logs/lightning_logs/version_0/{path.name}" in out
     rows = list(csv.DictReader(path.open()))
-    assert list(rows[0]) == ["index", "target", "prediction", "confidence"]
+    assert list(rows[0]) == ["index", "target", "prediction", "class_name", "confidence"]
+    assert {r["class_name"] for r in rows} <= set(MNIST.classes)
     assert [int(r["index"]) for r in rows] == list(range(N_TEST))
-    from torchvision.datasets import MNIST
-
     assert [int(r["target"]) for r in rows] == MNIST(str(mnist_dir), train=False).targets.tolist()
     assert all(0.1 <= float(r["confidence"]) <= 1 for r in rows)
     accuracy = sum(r["target"] == r["prediction"] for r in rows) / len(rows)
@@ -102,7 +122,7 @@ def test_predict_writes_a_csv_into_the_run(trained, mnist_dir, capsys):
 
 def test_second_fit_opens_a_new_run_and_resume_continues_it(tmp_path, fast_args, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    runs = tmp_path / "logs" / "mnist"
+    runs = tmp_path / "logs" / "lightning_logs"
     cli(["fit", *fast_args, "--trainer.max_epochs", "1"])
     cli(["fit", *fast_args, "--trainer.max_epochs", "1"])
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
@@ -135,7 +155,7 @@ def test_optimizer_is_chosen_on_the_command_line_and_saved(tmp_path, fast_args, 
     monkeypatch.chdir(tmp_path)
     cli(["fit", *fast_args, "--trainer.max_epochs", "1", "--model.optimizer", "Adam",
          "--model.optimizer.init_args.lr", "0.002"])  # fmt: skip
-    last = torch.load(tmp_path / "logs/mnist/version_0/checkpoints/last.ckpt", weights_only=True)
+    last = torch.load(tmp_path / "logs/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
     saved = last["hyper_parameters"]["optimizer"]
     assert saved["class_path"] == "torch.optim.Adam" and saved["init_args"]["lr"] == 0.002
     assert last["optimizer_states"][0]["param_groups"][0]["lr"] == 0.002
@@ -146,8 +166,13 @@ def test_help_shows_the_docstrings(capsys):
         cli(["fit", "--help"])
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
+    for text in ("--num_threads", "CPU threads PyTorch may use", "--model.optimizer", "--data CONFIG"):
+        assert text in out
+    with pytest.raises(SystemExit):
+        cli(["fit", "--data.help", "mnist.data.FashionMNISTDataModule"])
+    out = " ".join(capsys.readouterr().out.split())
     for text in ("Training images held out for validation", "Samples per training batch",
-                 "Download MNIST into ``data_dir``", "--data.num_workers", "--model.optimizer"):  # fmt: skip
+                 "Download the dataset into ``data_dir``"):  # fmt: skip
         assert text in out
 
 
@@ -160,26 +185,29 @@ def test_print_config_parses_back_to_itself(tmp_path, capsys):
         cli(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
     assert capsys.readouterr().out == printed
     config = yaml.safe_load(printed)
-    assert config["data"]["val_size"] == 5000 and config["data"]["batch_size"] == 32
+    assert config["data"]["init_args"]["val_size"] == 5000 and config["data"]["init_args"]["batch_size"] == 32
     assert config["model"]["optimizer"]["init_args"]["lr"] == 0.01 and config["trainer"]["max_epochs"] == 5
 
 
 def test_features_config_yaml_turns_on_can_be_turned_off(tmp_path, fast_args, monkeypatch):
-    """config.yaml lists a progress bar, checkpoints and an LR monitor; switching each off must not fail."""
+    """config.yaml lists a progress bar and checkpoints; switching each off must not fail."""
     monkeypatch.chdir(tmp_path)
     cli(["fit", *fast_args, "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
          "--trainer.logger", "false"])  # fmt: skip
-    assert not (tmp_path / "logs").exists() and not list(tmp_path.rglob("*.ckpt"))
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("events.out.tfevents.*"))
 
 
 def test_fast_preset_stacks_and_its_one_cycle_spans_the_run(tmp_path, fast_args, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fast = str(CONFIG.parent / "configs" / "fast.yaml")
     cli(["fit", *fast_args, "--config", fast, "--trainer.max_epochs", "2", "--data.batch_size", "64"])
-    last = torch.load(tmp_path / "logs/mnist/version_0/checkpoints/last.ckpt", weights_only=True)
+    last = torch.load(tmp_path / "logs/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
     scheduler = last["lr_schedulers"][0]
     steps_per_epoch = -(-500 // 64)
     assert scheduler["total_steps"] == 2 * steps_per_epoch and scheduler["last_epoch"] == 2 * steps_per_epoch
     assert last["hyper_parameters"]["optimizer"]["init_args"]["nesterov"] is True
-    config = yaml.safe_load((tmp_path / "logs/mnist/version_0/config.yaml").read_text())
-    assert config["data"]["batch_size"] == 64 and config["model"]["lr_scheduler"]["init_args"]["max_lr"] == 0.2
+    config = yaml.safe_load((tmp_path / "logs/lightning_logs/version_0/config.yaml").read_text())
+    assert (
+        config["data"]["init_args"]["batch_size"] == 64
+        and config["model"]["lr_scheduler"]["init_args"]["max_lr"] == 0.2
+    )

@@ -3,7 +3,7 @@ import torch
 from torchvision import transforms
 from torchvision.datasets import MNIST
 
-from mnist.data import MNISTDataModule
+from mnist.data import FashionMNISTDataModule, KMNISTDataModule, MNISTDataModule
 from mnist.errors import UserError
 from mnist.loader import BatchLoader, EpochSampler
 from tests.conftest import N_TEST, N_TRAIN, VAL_SIZE
@@ -30,20 +30,29 @@ def test_split_sizes_shapes_and_dtypes(mnist_dir):
 
 
 def test_in_memory_batches_equal_torchvision_per_sample_path(mnist_dir):
-    """The fast path serves exactly what ToTensor + Normalize on each torchvision sample gives."""
+    """The fast path serves exactly what ToTensor on each torchvision sample gives (the model normalises)."""
     data = make_data(mnist_dir)
-    per_sample = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-    reference = MNIST(str(mnist_dir), train=False, transform=per_sample)
+    reference = MNIST(str(mnist_dir), train=False, transform=transforms.ToTensor())
     images, labels = zip(*(reference[i] for i in range(len(reference))), strict=True)
     x, y = zip(*data.test_dataloader(), strict=True)
     torch.testing.assert_close(torch.cat(x), torch.stack(images))
     assert torch.equal(torch.cat(y), torch.tensor(labels))
 
 
-def test_normalisation_centres_the_data(mnist_dir):
-    data = make_data(mnist_dir, mean=0.5, std=0.25)
-    raw = MNIST(str(mnist_dir), train=False).data.float() / 255
-    torch.testing.assert_close(data.test_images.squeeze(1), (raw - 0.5) / 0.25)
+@pytest.mark.parametrize(
+    ("module", "folder", "first_class"),
+    [(FashionMNISTDataModule, "FashionMNIST", "T-shirt/top"), (KMNISTDataModule, "KMNIST", "o")],
+)
+def test_other_mnist_format_datasets_load_from_their_own_folder(tmp_path, module, folder, first_class):
+    write_fake_mnist(tmp_path, folder=folder)
+    data = module(data_dir=str(tmp_path), val_size=VAL_SIZE, download=False)
+    data.prepare_data()
+    data.setup("fit")
+    assert len(data.train_labels) == N_TRAIN - VAL_SIZE
+    assert data.class_names[0] == first_class and data.num_classes == 10
+    assert (data.mean, data.std) != (MNISTDataModule.mean, MNISTDataModule.std)
+    with pytest.raises(UserError, match=f"MNIST not found.*{tmp_path / 'MNIST' / 'raw'}"):
+        MNISTDataModule(data_dir=str(tmp_path), download=False).prepare_data()
 
 
 def test_split_is_independent_of_the_global_seed(mnist_dir):
@@ -105,8 +114,8 @@ def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
     [
         ("train-images-idx3-ubyte", lambda b: b[: len(b) // 2], "truncated or corrupted"),
         ("t10k-labels-idx1-ubyte", lambda b: b + b"\0", "truncated or corrupted"),
-        ("train-labels-idx1-ubyte", lambda b: b"<html>" + b[6:], "not an MNIST IDX file"),
-        ("t10k-images-idx3-ubyte", lambda b: b[:4], "not an MNIST IDX file"),
+        ("train-labels-idx1-ubyte", lambda b: b"<html>" + b[6:], "not an IDX file"),
+        ("t10k-images-idx3-ubyte", lambda b: b[:4], "not an IDX file"),
     ],
 )
 def test_corrupted_file_is_named(tmp_path, name, damage, expected):

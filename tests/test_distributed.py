@@ -46,7 +46,7 @@ def test_epoch_metrics_are_synced_without_lightning_warnings(ddp_run):
 
 
 def test_two_processes_write_one_run(ddp_run):
-    runs = ddp_run / "logs" / "mnist"
+    runs = ddp_run / "logs" / "lightning_logs"
     assert [p.name for p in runs.iterdir()] == ["version_0"]
     names = sorted(p.name for p in (runs / "version_0" / "checkpoints").iterdir())
     assert len(names) == 2 and "last.ckpt" in names
@@ -54,7 +54,7 @@ def test_two_processes_write_one_run(ddp_run):
 
 
 def test_validation_across_processes_equals_one_process(ddp_run, mnist_dir):
-    ckpt = ["--ckpt_path", "logs/mnist/version_0/checkpoints/last.ckpt"]
+    ckpt = ["--ckpt_path", "logs/lightning_logs/version_0/checkpoints/last.ckpt"]
     results = [
         run_main(["validate", *common(mnist_dir), "--trainer.devices", str(n), *ckpt], cwd=ddp_run) for n in (1, 2)
     ]
@@ -67,11 +67,11 @@ def test_validation_across_processes_equals_one_process(ddp_run, mnist_dir):
 
 
 def test_predictions_across_processes_are_written_once_in_order(ddp_run, mnist_dir):
-    ckpt = ["--ckpt_path", "logs/mnist/version_0/checkpoints/last.ckpt"]
+    ckpt = ["--ckpt_path", "logs/lightning_logs/version_0/checkpoints/last.ckpt"]
     result = run_main(["predict", *common(mnist_dir), "--trainer.devices", "2", *ckpt], cwd=ddp_run)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("written to") == 1
-    folder = ddp_run / "logs/mnist/version_0/predict"
+    folder = ddp_run / "logs/lightning_logs/version_0/predict"
     assert [p.name for p in folder.iterdir() if "predictions" in p.name] == ["predictions-last.csv"]
     rows = list(csv.DictReader((folder / "predictions-last.csv").open()))
     assert [int(r["index"]) for r in rows] == list(range(N_TEST))
@@ -115,8 +115,8 @@ def test_two_nodes_on_localhost_match_one_node_with_two_processes(ddp_run, mnist
     for node in nodes:
         _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err[-3000:]
-    ours = torch.load(tmp_path / "logs/mnist/version_0/checkpoints/last.ckpt", weights_only=True)
-    theirs = torch.load(ddp_run / "logs/mnist/version_0/checkpoints/last.ckpt", weights_only=True)
+    ours = torch.load(tmp_path / "logs/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    theirs = torch.load(ddp_run / "logs/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
     assert ours["global_step"] == theirs["global_step"]
     # The same arithmetic, but gloo may sum the two gradients in another order across machines than within one.
     torch.testing.assert_close(ours["state_dict"], theirs["state_dict"], rtol=1e-5, atol=1e-7)

@@ -28,7 +28,7 @@ def fails(args: list[str], capsys) -> tuple[int, str]:
         (["--ckpt_path", "missing.ckpt"], 1, "error: checkpoint missing.ckpt does not exist"),
         (["--ckpt_path", "."], 1, "error: checkpoint . is not a file"),
         (["--ckpt_path", str(CONFIG)], 1, f"error: {CONFIG} is not a readable checkpoint"),
-        (["--ckpt_path", "last"], 1, "error: no checkpoint found in any run under logs/mnist/"),
+        (["--ckpt_path", "last"], 1, "error: no checkpoint found in any run under logs/lightning_logs/"),
         (["--data.download", "false", "--data.data_dir", "nowhere"], 1, "expected train-images-idx3-ubyte"),
     ],
 )
@@ -61,7 +61,7 @@ def test_network_shape_mismatch_is_one_line(tmp_path, monkeypatch, capsys, fast_
     monkeypatch.chdir(tmp_path)
     cli_in_process(["fit", *fast_args, "--trainer.max_epochs", "1"])
     capsys.readouterr()
-    path = tmp_path / "logs/mnist/version_0/checkpoints/last.ckpt"
+    path = tmp_path / "logs/lightning_logs/version_0/checkpoints/last.ckpt"
     checkpoint = torch.load(path, weights_only=True)
     del checkpoint["hyper_parameters"]
     torch.save(checkpoint, tmp_path / "bare.ckpt")
@@ -87,7 +87,7 @@ def test_no_traceback_in_a_real_process(tmp_path, mnist_dir):
 def test_checkpoint_needing_unsafe_loading_is_refused_unless_trusted(tmp_path, monkeypatch, capsys, fast_args):
     monkeypatch.chdir(tmp_path)
     cli_in_process(["fit", *fast_args, "--trainer.max_epochs", "1"])
-    checkpoint = torch.load(tmp_path / "logs/mnist/version_0/checkpoints/last.ckpt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "logs/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
     checkpoint["note"] = argparse.Namespace(origin="pickled object")  # unpickling it would run code
     torch.save(checkpoint, tmp_path / "pickled.ckpt")
     capsys.readouterr()

@@ -81,9 +81,9 @@ def image_tags(run_dir: Path) -> set[str]:
 
 
 def test_tensorboard_shows_confusion_matrix_and_mistakes(trained):
-    run = trained / "logs/mnist/version_0"
+    run = trained / "logs/lightning_logs/version_0"
     assert {"val/confusion_matrix", "val/most_confident_mistakes"} <= image_tags(run)
-    assert {"test/confusion_matrix", "test/most_confident_mistakes"} <= image_tags(run / "test")
+    assert {"test/confusion_matrix", "test/most_confident_mistakes"} <= image_tags(run)
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
     assert len(events.Images("val/confusion_matrix")) == 2, "one per validation epoch, none for the sanity check"
@@ -102,10 +102,10 @@ def test_predict_own_images_writes_the_csv(trained, mnist_dir, tmp_path, capsys)
              "--trainer.enable_progress_bar", "false"])  # fmt: skip
     captured = capsys.readouterr()
     assert "skipped" in captured.err and "broken.png" in captured.err
-    path = trained / "logs/mnist/version_0/predict/predictions-images-last.csv"
-    assert f"Predictions for 2 images written to logs/mnist/version_0/predict/{path.name}" in captured.out
+    path = trained / "logs/lightning_logs/version_0/predictions-images-last.csv"
+    assert f"Predictions for 2 images written to logs/lightning_logs/version_0/{path.name}" in captured.out
     rows = list(csv.DictReader(path.open()))
-    assert list(rows[0]) == ["path", "prediction", "confidence", *(f"p{k}" for k in range(10))]
+    assert list(rows[0]) == ["path", "prediction", "class_name", "confidence", *(f"p{k}" for k in range(10))]
     assert [Path(r["path"]).name for r in rows] == ["blob.bmp", "one.png"]
     for row in rows:
         probs = [float(row[f"p{k}"]) for k in range(10)]
@@ -122,7 +122,7 @@ def test_export_round_trip_matches_the_checkpoint(trained, mnist_dir, tmp_path, 
     from mnist.export import main as export_main
 
     output = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt2")
-    ckpt = trained / "logs/mnist/version_0/checkpoints/last.ckpt"
+    ckpt = trained / "logs/lightning_logs/version_0/checkpoints/last.ckpt"
     export_main(["--ckpt_path", str(ckpt), "--format", fmt, "--output", str(output), "--data_dir", str(mnist_dir)])
     out = capsys.readouterr().out
     assert output.is_file() and "largest logit difference from the checkpoint is" in out

@@ -9,28 +9,51 @@ from mnist.errors import UserError
 from mnist.metrics import LossAccuracy
 from mnist.model import MNISTClassifier
 from mnist.networks import MLP, ConvNet
+from tests.conftest import DATA_INFO
 from tests.fake_mnist import digit_images
 
+SHAPE, CLASSES = (1, 28, 28), 10
 
-@pytest.mark.parametrize("network", [MLP(), MLP(hidden_sizes=[32]), ConvNet(channels=[4, 8], hidden_size=16)])
+
+@pytest.mark.parametrize(
+    "network",
+    [
+        MLP(SHAPE, CLASSES),
+        MLP(SHAPE, CLASSES, hidden_sizes=[32]),
+        ConvNet(SHAPE, CLASSES, channels=[4, 8], hidden_size=16),
+    ],
+)
 def test_networks_map_images_to_ten_logits(network):
-    assert network(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+    assert network(torch.randn(5, *SHAPE)).shape == (5, CLASSES)
+
+
+def test_networks_take_the_image_shape_and_classes_they_are_given():
+    image = torch.randn(2, 3, 32, 32)
+    assert MLP((3, 32, 32), 7)(image).shape == (2, 7)
+    assert ConvNet((3, 32, 32), 7, channels=[4, 8], hidden_size=16)(image).shape == (2, 7)
 
 
 def test_default_is_the_tutorial_mlp():
-    model = MNISTClassifier()
+    model = MNISTClassifier(**DATA_INFO)
     shapes = [tuple(p.shape) for p in model.network.parameters()]
     assert shapes == [(256, 784), (256,), (128, 256), (128,), (10, 128), (10,)]
     optimizer = model.configure_optimizers()
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.01
 
 
+def test_the_model_normalises_raw_pixels_with_the_data_statistics():
+    model = MNISTClassifier(**DATA_INFO)
+    pixels = torch.rand(3, 1, 28, 28)
+    expected = model.network((pixels - DATA_INFO["mean"]) / DATA_INFO["std"])
+    torch.testing.assert_close(model(pixels), expected)
+
+
 def test_a_few_steps_lower_the_loss():
     torch.manual_seed(0)
-    model = MNISTClassifier()
+    model = MNISTClassifier(**DATA_INFO)
     y = torch.arange(64) % 10
     pixels = torch.from_numpy(digit_images(y.numpy(), np.random.default_rng(0))).float().div(255)
-    x = ((pixels - 0.1307) / 0.3081).unsqueeze(1)  # (64, 1, 28, 28), normalised as the data module does
+    x = pixels.unsqueeze(1)  # (64, 1, 28, 28) in [0, 1]: the model normalises
     optimizer = model.configure_optimizers()
     losses = []
     for _ in range(30):
@@ -43,11 +66,15 @@ def test_a_few_steps_lower_the_loss():
 
 
 def test_checkpoint_of_another_shape_is_refused_in_one_line():
-    checkpoint = {"state_dict": MNISTClassifier(network=MLP(hidden_sizes=[64])).state_dict()}
+    checkpoint = {
+        "state_dict": MNISTClassifier(
+            **DATA_INFO, network=lambda shape, n: MLP(shape, n, hidden_sizes=[64])
+        ).state_dict()
+    }
     with pytest.raises(
         UserError, match=r"does not match the configured one .*checkpoint \(64,\), configured \(256,\)"
     ) as err:
-        MNISTClassifier().on_load_checkpoint(checkpoint)
+        MNISTClassifier(**DATA_INFO).on_load_checkpoint(checkpoint)
     assert "\n" not in str(err.value)
 
 

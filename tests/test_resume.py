@@ -39,13 +39,13 @@ def uninterrupted(tmp_path_factory, mnist_dir) -> Path:
     result = run_main(["fit", "--config", str(CONFIG), "--data.data_dir", str(mnist_dir), "--data.val_size", "100",
                        "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false"], cwd=cwd)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    return cwd / "logs" / "mnist" / "version_0"
+    return cwd / "logs" / "lightning_logs" / "version_0"
 
 
 def test_two_seeded_runs_are_bit_identical(tmp_path, args, uninterrupted):
     result = run_main([*args, "--trainer.max_epochs", "3"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    run = tmp_path / "logs" / "mnist" / "version_0"
+    run = tmp_path / "logs" / "lightning_logs" / "version_0"
     assert_same_weights(weights(run), weights(uninterrupted))
     ours = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
     theirs = torch.load(uninterrupted / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
@@ -57,7 +57,7 @@ def test_resume_from_an_epoch_end_checkpoint_is_exact(tmp_path, args, uninterrup
     assert run_main([*args, "--trainer.max_epochs", "1"], cwd=tmp_path).returncode == 0
     resumed = run_main([*args, "--trainer.max_epochs", "3", "--ckpt_path", "last"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_weights(weights(tmp_path / "logs/mnist/version_0"), weights(uninterrupted))
+    assert_same_weights(weights(tmp_path / "logs/lightning_logs/version_0"), weights(uninterrupted))
 
 
 def test_resume_from_a_mid_epoch_step_checkpoint_continues_at_the_next_batch(tmp_path, args, uninterrupted):
@@ -65,10 +65,13 @@ def test_resume_from_a_mid_epoch_step_checkpoint_continues_at_the_next_batch(tmp
     first = run_main([*args, "--trainer.max_epochs", "3", "--trainer.max_steps", "20",
                       "--resumable.every_n_train_steps", "10"], cwd=tmp_path)  # fmt: skip
     assert first.returncode == 0, first.stderr
-    assert torch.load(tmp_path / "logs/mnist/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 20
+    assert (
+        torch.load(tmp_path / "logs/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"]
+        == 20
+    )
     resumed = run_main([*args, "--trainer.max_epochs", "3", "--ckpt_path", "last"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_weights(weights(tmp_path / "logs/mnist/version_0"), weights(uninterrupted))
+    assert_same_weights(weights(tmp_path / "logs/lightning_logs/version_0"), weights(uninterrupted))
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -93,7 +96,7 @@ def global_step(path: Path) -> int:
 
 @pytest.mark.parametrize("moment", ["first step checkpoint", "first epoch checkpoint", "mid epoch 2"])
 def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, args, uninterrupted, moment):
-    last = tmp_path / "logs/mnist/version_0/checkpoints/last.ckpt"
+    last = tmp_path / "logs/lightning_logs/version_0/checkpoints/last.ckpt"
     ready = {
         "first step checkpoint": lambda: global_step(last) >= 3,
         "first epoch checkpoint": lambda: any(last.parent.glob("epoch00-*.ckpt")),
@@ -106,26 +109,26 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, args,
     assert proc.returncode == -signal.SIGKILL
     resumed = run_main([*args, "--trainer.max_epochs", "3", "--ckpt_path", "last"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert sorted(p.name for p in (tmp_path / "logs/mnist").iterdir()) == ["version_0"]
-    assert_same_weights(weights(tmp_path / "logs/mnist/version_0"), weights(uninterrupted))
+    assert sorted(p.name for p in (tmp_path / "logs/lightning_logs").iterdir()) == ["version_0"]
+    assert_same_weights(weights(tmp_path / "logs/lightning_logs/version_0"), weights(uninterrupted))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_a_resumable_checkpoint_and_says_so(tmp_path, args, uninterrupted, signum):
-    last = tmp_path / "logs/mnist/version_0/checkpoints/last.ckpt"
+    last = tmp_path / "logs/lightning_logs/version_0/checkpoints/last.ckpt"
     proc = start([*args, "--trainer.max_epochs", "3"], tmp_path)
     wait_for(lambda: global_step(last) >= 16, proc)  # after the first epoch, so the stop lands mid-training
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err
     name = signal.Signals(signum).name
-    assert f"Stopped by {name}; checkpoint saved: logs/mnist/version_0/checkpoints/last.ckpt" in err
+    assert f"Stopped by {name}; checkpoint saved: logs/lightning_logs/version_0/checkpoints/last.ckpt" in err
     assert "Traceback" not in err
     stopped_at = global_step(last)
     assert 16 < stopped_at < 48, "the signal stopped training between two steps, not at an epoch end"
     resumed = run_main([*args, "--trainer.max_epochs", "3", "--ckpt_path", "last"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_weights(weights(tmp_path / "logs/mnist/version_0"), weights(uninterrupted))
+    assert_same_weights(weights(tmp_path / "logs/lightning_logs/version_0"), weights(uninterrupted))
 
 
 def test_nan_loss_stops_training_with_one_line(tmp_path, args):
