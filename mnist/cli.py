@@ -5,8 +5,10 @@ python main.py test --ckpt_path best
 """
 
 import importlib
+import re
 import signal
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from mnist import runs
 from mnist.callbacks import NonFiniteLossGuard, PredictionCSVWriter, ResumableCheckpoint
@@ -43,6 +46,9 @@ class MNISTArgumentParser(LightningArgumentParser):
 
     def print_usage(self, file=None) -> None:
         print(f"usage: {self.prog.replace(' [options]', '')} [--help] [--config CONFIG] [--KEY VALUE ...]", file=file)
+
+    def error(self, message: str, ex: Exception | None = None):
+        super().error(_condense(message), ex)
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -125,8 +131,8 @@ class MNISTCLI(LightningCLI):
         parser.add_class_arguments(NonFiniteLossGuard, "nan_guard")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict | Namespace) else args
         super().parse_arguments(parser, args)
+        args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict | Namespace) else args
         subcommand = self.config.get("subcommand")
         if subcommand is None:
             return
@@ -150,6 +156,7 @@ class MNISTCLI(LightningCLI):
             config = self.config[subcommand]
             config.weights_only = True if config.get("weights_only") is None else config.weights_only
         config.ckpt_path = str(path)
+        self.resumed_from = (path, checkpoint.get("epoch", 0), checkpoint.get("global_step", 0))
         if not config.weights_only:
             _trust_globals_of(path)
         _continue_run_of(path, config)
@@ -191,6 +198,13 @@ class MNISTCLI(LightningCLI):
         return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
 
     def after_fit(self) -> None:
+        resumed = getattr(self, "resumed_from", None)
+        if resumed is not None and self.trainer.global_step == resumed[2]:
+            # Lightning ends such a fit quietly, with nothing trained.
+            raise UserError(
+                f"{resumed[0]} has already trained to epoch {resumed[1]} and --trainer.max_epochs is "
+                f"{self.trainer.max_epochs}: nothing was trained. Raise --trainer.max_epochs to continue the run"
+            )
         # `trainer.log_dir` broadcasts, a collective call that only process 0 would make here; the logger's does not.
         log_dir = self.trainer.logger.log_dir if self.trainer.logger is not None else None
         if not self.trainer.is_global_zero:
@@ -200,7 +214,30 @@ class MNISTCLI(LightningCLI):
             print(f"Best checkpoint: {callback.best_model_path}", file=sys.stderr)
         if log_dir is not None:
             print(f"Run directory: {log_dir}", file=sys.stderr)
-            print(f"Curves: tensorboard --logdir {self.trainer.default_root_dir}", file=sys.stderr)
+        tensorboard = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if tensorboard:
+            print(f"Curves: tensorboard --logdir {tensorboard[0].root_dir}", file=sys.stderr)
+
+
+def _condense(message: str) -> str:
+    """A data-module option's parse error, said as for any other option.
+
+    The data module is a class chosen by ``--data``, so jsonargparse reports a bad ``--data.KEY`` as a failure to
+    match each possible type; only the chosen class's complaint matters.
+    """
+    match = re.search(
+        r'Parser key "([^"]+)":\n\s+Does not validate against any of the Union subtypes.*?'
+        r"- Problem with given class_path '[^']+':\n(.*?)\n\s+- ",
+        message,
+        re.S,
+    )
+    if match is None:
+        return message
+    key, inner = match.group(1), textwrap.dedent(match.group(2)).strip()
+    inner = re.sub(r'^Parser key "([^"]+)"', lambda m: f'Parser key "{key}.{m.group(1)}"', inner)
+    return re.sub(
+        r"^Option '([^']+)' is not accepted", lambda m: f"unrecognized arguments: --{key}.{m.group(1)}", inner
+    )
 
 
 def _attribute(name: str):

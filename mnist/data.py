@@ -119,8 +119,12 @@ class MNISTDataModule(pl.LightningDataModule):
             )
         return {name: check_idx_file(self.raw_dir / name, *spec) for name, spec in IDX_FILES.items()}
 
-    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """All images of one split as pixels in [0, 1], ``(N, 1, 28, 28)`` float32, and their labels ``(N,)``."""
+    def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images of one split as pixels in [0, 1], ``(N, C, H, W)`` float32, and their labels ``(N,)`` int64.
+
+        The one method to override, with ``prepare_data`` and ``class_names``, for data in another format.
+        """
+        self._check_files()  # on every process: prepare_data ran on one per machine
         dataset = self.dataset(self.hparams.data_dir, train=train, download=False)
         images = dataset.data.unsqueeze(1)  # (N, 28, 28) uint8 -> (N, 1, 28, 28)
         labels = dataset.targets
@@ -129,8 +133,12 @@ class MNISTDataModule(pl.LightningDataModule):
             raise UserError(
                 f"{self.raw_dir / name}-labels-idx1-ubyte holds labels above {self.num_classes - 1}; get it again"
             )
+        return images.float().div_(255), labels
+
+    def _load_to_device(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.load(train)
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        return images.to(device).float().div_(255), labels.to(device)
+        return images.to(device), labels.to(device)
 
     def prepare_data(self) -> None:
         if self.trainer is not None and self.trainer.state.fn == "predict" and self.hparams.predict_path:
@@ -157,15 +165,13 @@ class MNISTDataModule(pl.LightningDataModule):
             self.test_images = images
             self.test_labels = torch.full((len(images),), -1)  # unknown
             return
-        counts = self._check_files()
         if stage in ("fit", "validate") and self.train_images is None:
-            n_train = counts["train-images-idx3-ubyte"]
+            images, labels = self._load_to_device(train=True)
+            n_train = len(labels)
             if self.hparams.val_size >= n_train:
                 raise UserError(
-                    f"data.val_size ({self.hparams.val_size}) must be smaller than the "
-                    f"{n_train} training images in {self.raw_dir}/"
+                    f"data.val_size ({self.hparams.val_size}) must be smaller than the {n_train} training images"
                 )
-            images, labels = self._load(train=True)
             # A generator of its own: the split stays the same whatever the global seed.
             generator = torch.Generator().manual_seed(self.hparams.seed)
             train, val = random_split(
@@ -176,7 +182,7 @@ class MNISTDataModule(pl.LightningDataModule):
             self.train_images, self.train_labels = images[train_idx], labels[train_idx]
             self.val_images, self.val_labels = images[val_idx], labels[val_idx]
         if stage in ("test", "predict") and self.test_images is None:
-            self.test_images, self.test_labels = self._load(train=False)
+            self.test_images, self.test_labels = self._load_to_device(train=False)
 
     def _distributed(self) -> tuple[int, int]:
         if self.trainer is None:

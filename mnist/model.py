@@ -112,11 +112,12 @@ class MNISTClassifier(pl.LightningModule):
         loss, acc = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
         self.log(f"{stage}/loss", loss, prog_bar=True)
         self.log(f"{stage}/acc", acc, prog_bar=stage == "val")
-        if stage == "val" and not self.trainer.sanity_checking:
+        if stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.val_loss_best.update(loss.compute())
-            self.log("val/loss_best", self.val_loss_best.compute())
+            self.log("val/loss_best", self.val_loss_best.compute(), sync_dist=True)
         # Lightning puts a value named `step` on the x-axis: evaluations of a checkpoint then sit at its step.
-        self.log("step", self._step_axis())
+        # (Every value logged here is already the same on every process; sync_dist only keeps Lightning quiet.)
+        self.log("step", self._step_axis(), sync_dist=True)
         self._log_pictures(stage)
 
     def _log_pictures(self, stage: str) -> None:
@@ -160,7 +161,7 @@ class MNISTClassifier(pl.LightningModule):
         self.train_metrics.reset()
         self.log("train/loss_epoch", values["loss"], sync_dist=True)
         self.log("train/acc", values["acc"], sync_dist=True)
-        self.log("step", self._step_axis())
+        self.log("step", self._step_axis(), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
@@ -201,11 +202,6 @@ class MNISTClassifier(pl.LightningModule):
     def on_train_start(self) -> None:
         # Here the trainer has restored a checkpoint it resumes from: say in one line what cannot go on.
         trainer = self.trainer
-        if trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs:
-            raise UserError(
-                f"the checkpoint has already trained {trainer.current_epoch} epochs and --trainer.max_epochs is "
-                f"{trainer.max_epochs}: nothing to continue; raise --trainer.max_epochs above {trainer.current_epoch}"
-            )
         for config in trainer.lr_scheduler_configs:
             total = getattr(config.scheduler, "total_steps", None)
             if isinstance(config.scheduler, torch.optim.lr_scheduler.OneCycleLR) and total is not None:

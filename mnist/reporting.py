@@ -68,7 +68,11 @@ def _init_args(spec) -> dict:
 
 
 def _value(value) -> bool | int | float | str:
-    return value if isinstance(value, bool | int | float | str) else str(value)
+    # Plain types only: jsonargparse's PositiveInt and the like would reach YAML files as Python objects.
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    return str(value)
 
 
 def run_summary(config, model) -> dict[str, bool | int | float | str]:

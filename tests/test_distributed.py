@@ -71,7 +71,7 @@ def test_predictions_across_processes_are_written_once_in_order(ddp_run, mnist_d
     result = run_main(["predict", *common(mnist_dir), "--trainer.devices", "2", *ckpt], cwd=ddp_run)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("written to") == 1
-    folder = ddp_run / "logs/lightning_logs/version_0/predict"
+    folder = ddp_run / "logs/lightning_logs/version_0"
     assert [p.name for p in folder.iterdir() if "predictions" in p.name] == ["predictions-last.csv"]
     rows = list(csv.DictReader((folder / "predictions-last.csv").open()))
     assert [int(r["index"]) for r in rows] == list(range(N_TEST))
