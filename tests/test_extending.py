@@ -156,4 +156,14 @@ def test_shell_completion_is_generated_in_seconds_and_completes_data_options(tmp
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "--data.batch_size" in result.stdout and "--model.optimizer" in result.stdout
+    (tmp_path / "completion.bash").write_text(result.stdout)
+    # What bash does on `python main.py fit --data.b<TAB>`, with the README's lines for `python main.py`.
+    readme = (ROOT / "README.md").read_text()
+    wrapper = readme.split("```bash\n_main_py_after_python() {")[1].split("```")[0]
+    script = (
+        f"source completion.bash\n_main_py_after_python() {{{wrapper}\n"
+        "COMP_WORDS=(python main.py fit --data.b); COMP_CWORD=3; _main_py_after_python; "
+        'printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    completed = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert completed.stdout.split() == ["--data.batch_size"], completed.stderr
