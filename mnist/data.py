@@ -214,14 +214,7 @@ class MNISTDataModule(pl.LightningDataModule):
 class FashionMNISTDataModule(MNISTDataModule):
     """Fashion-MNIST: Zalando's 28 × 28 grey pictures of ten kinds of clothing, in MNIST's format and split sizes.
 
-    Args:
-        data_dir: Folder holding ``FashionMNIST/raw/`` (created when downloading).
-        batch_size: Samples per training batch.
-        val_size: Training images held out for validation.
-        download: Download the dataset into ``data_dir`` when it is not there yet.
-        seed: Seed of the train/validation split and of the shuffling order.
-        eval_batch_size: Samples per validation, test and prediction batch; ``batch_size`` when not given.
-        predict_path: An image, or a folder of images, for ``predict``; the test set when not given.
+    Its arguments are those of ``MNISTDataModule``.
     """
 
     dataset = FashionMNIST
@@ -231,14 +224,7 @@ class FashionMNISTDataModule(MNISTDataModule):
 class KMNISTDataModule(MNISTDataModule):
     """Kuzushiji-MNIST: ten cursive Japanese (hiragana) characters, in MNIST's format and split sizes.
 
-    Args:
-        data_dir: Folder holding ``KMNIST/raw/`` (created when downloading).
-        batch_size: Samples per training batch.
-        val_size: Training images held out for validation.
-        download: Download the dataset into ``data_dir`` when it is not there yet.
-        seed: Seed of the train/validation split and of the shuffling order.
-        eval_batch_size: Samples per validation, test and prediction batch; ``batch_size`` when not given.
-        predict_path: An image, or a folder of images, for ``predict``; the test set when not given.
+    Its arguments are those of ``MNISTDataModule``.
     """
 
     dataset = KMNIST
