@@ -84,7 +84,7 @@ class RunConfigSaver(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
-            log_hyperparameters(trainer.loggers, run_summary(self.config, pl_module))
+            log_hyperparameters(trainer.loggers, run_summary(self.config, trainer, pl_module))
 
 
 class MNISTCLI(LightningCLI):
@@ -102,6 +102,7 @@ class MNISTCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 42)
         # Any data module: --data mnist.data.FashionMNISTDataModule, or one of your own.
         kwargs.setdefault("subclass_mode_data", True)
+        self.resumed_from: tuple[Path, int, int] | None = None  # a checkpoint's path, epoch and step, with --ckpt_path
         super().__init__(MNISTClassifier, MNISTDataModule, args=args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -198,7 +199,7 @@ class MNISTCLI(LightningCLI):
         return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
 
     def after_fit(self) -> None:
-        resumed = getattr(self, "resumed_from", None)
+        resumed = self.resumed_from
         if resumed is not None and self.trainer.global_step == resumed[2]:
             # Lightning ends such a fit quietly, with nothing trained.
             raise UserError(
@@ -241,6 +242,8 @@ def _condense(message: str) -> str:
 
 
 def _attribute(name: str):
+    """A link's value: the data module's attribute, a tuple as a list, as it reads in the checkpoint's YAML config."""
+
     def compute(data):
         value = getattr(data, name)
         return list(value) if isinstance(value, tuple | list) else value
@@ -262,9 +265,13 @@ def _loggers(config: Namespace) -> list[Namespace]:
     return [item for item in listed if isinstance(item, Namespace)]
 
 
+def _root_dir(config: Namespace) -> Path:
+    return Path(config.trainer.get("default_root_dir") or ".")
+
+
 def _checkpoint_roots(config: Namespace) -> list[Path]:
     """Where runs of this config keep checkpoints: the loggers' folders, default_root_dir, the checkpoint dirpath."""
-    roots = [Path(config.trainer.get("default_root_dir") or ".")]
+    roots = [_root_dir(config)]
     for logger in _loggers(config):
         save_dir = (logger.get("init_args") or Namespace()).get("save_dir")
         if save_dir:
@@ -282,19 +289,14 @@ def _continue_run_of(path: Path, config: Namespace) -> None:
     run_dir = path.parent.parent
     if path.parent.name != "checkpoints":
         return
-    logger = config.trainer.get("logger")
-    if logger in (None, True):
+    if config.trainer.get("logger") in (None, True):
         # Lightning's default logger, spelled out to give it the run's version.
-        if (
-            run_dir.parent.resolve()
-            != (Path(config.trainer.get("default_root_dir") or ".") / "lightning_logs").resolve()
-        ):
+        if run_dir.parent.resolve() != (_root_dir(config) / "lightning_logs").resolve():
             return
         config.trainer.logger = Namespace(
             class_path="pytorch_lightning.loggers.TensorBoardLogger",
-            init_args=Namespace(save_dir=config.trainer.get("default_root_dir") or ".", name="lightning_logs"),
+            init_args=Namespace(save_dir=str(_root_dir(config)), name="lightning_logs"),
         )
-        logger = config.trainer.logger
     first = _loggers(config)[:1]
     if not first or not str(first[0].class_path).endswith("TensorBoardLogger"):
         return

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
@@ -55,16 +56,10 @@ def log_hyperparameters(loggers: Iterable[Logger], params: dict[str, bool | int 
             logger.log_hyperparams(params)
 
 
-def _class_name(spec) -> str:
-    if spec is None:
-        return "none"
-    path = spec.get("class_path") if hasattr(spec, "get") else None
-    return str(path or getattr(spec, "__name__", type(spec).__name__)).rsplit(".", 1)[-1]
-
-
 def _init_args(spec) -> dict:
-    args = spec.get("init_args") if hasattr(spec, "get") else None
-    return dict(vars(args)) if args is not None and not isinstance(args, dict) else dict(args or {})
+    """The ``init_args`` of a configured class (a ``class_path`` / ``init_args`` Namespace); {} for none."""
+    args = spec.get("init_args") if spec is not None else None
+    return dict(vars(args)) if args is not None else {}
 
 
 def _value(value) -> bool | int | float | str:
@@ -75,39 +70,41 @@ def _value(value) -> bool | int | float | str:
     return str(value)
 
 
-def run_summary(config, model) -> dict[str, bool | int | float | str]:
-    """The settings people compare runs by, as they took effect, most telling first.
+def run_summary(config, trainer, model) -> dict[str, bool | int | float | str]:
+    """The settings people compare runs by, as they take effect, most telling first.
 
-    Paths and library internals are left out. The learning rate is the one that applies: a one-cycle schedule's
-    ``max_lr`` rather than the optimizer's ``lr``, which it overrides.
+    Taken from the objects the command built where they exist at setup (network, optimizer defaults, data module,
+    trainer), and from the config for the rest. Paths and library internals are left out. The learning rate is the
+    one that applies: a one-cycle schedule's ``max_lr`` rather than the optimizer's ``lr``, which it overrides.
     """
-    model_cfg, data_cfg, trainer_cfg = config.model, config.data, config.trainer
-    optimizer, scheduler = model_cfg.get("optimizer"), model_cfg.get("lr_scheduler")
-    opt_args, sched_args = _init_args(optimizer), _init_args(scheduler)
+    # The optimizer as configured, with every default filled in, built on a stand-in parameter: the model's own
+    # is only built after setup.
+    optimizer = model.optimizer([torch.zeros(1, requires_grad=True)])
+    scheduler = config.model.get("lr_scheduler")
     spans_run = model.spans_run()
-    lr = sched_args.get("max_lr") if spans_run else opt_args.get("lr")
+    data = trainer.datamodule.hparams
     summary = {
-        "lr": _value(lr if lr is not None else 0.01),
-        "batch_size": _value(_init_args(data_cfg).get("batch_size")),
-        "network": _class_name(model_cfg.get("network") or {"class_path": "MLP"}),
-        "optimizer": _class_name(optimizer) if optimizer is not None else "SGD",
-        "lr_scheduler": _class_name(scheduler),
+        "lr": _value(_init_args(scheduler)["max_lr"] if spans_run else optimizer.defaults["lr"]),
+        "batch_size": _value(data.batch_size),
+        "network": type(model.network).__name__,
+        "optimizer": type(optimizer).__name__,
+        "lr_scheduler": str(scheduler.class_path).rsplit(".", 1)[-1] if scheduler is not None else "none",
     }
     for key in ("momentum", "weight_decay", "nesterov", "betas"):
-        if key in opt_args:
-            summary[f"optimizer.{key}"] = _value(opt_args[key])
+        if key in optimizer.defaults:
+            summary[f"optimizer.{key}"] = _value(optimizer.defaults[key])
     if scheduler is not None:
-        summary["lr_scheduler.interval"] = "step" if spans_run else model_cfg.get("scheduler_interval")
-    for key, value in _init_args(model_cfg.get("network") or {}).items():
+        summary["lr_scheduler.interval"] = "step" if spans_run else model.hparams.scheduler_interval
+    for key, value in _init_args(config.model.get("network")).items():
         summary[f"network.{key}"] = _value(value)
     presets = [Path(str(p)).name for p in (config.get("config") or []) if Path(str(p)).suffix in (".yaml", ".yml")]
     summary.update(
         {
-            "max_epochs": _value(trainer_cfg.get("max_epochs")),
+            "max_epochs": _value(trainer.max_epochs),
             "seed": _value(config.get("seed_everything")),
-            "data.seed": _value(_init_args(data_cfg).get("seed")),
-            "precision": _value(trainer_cfg.get("precision") or "32-true"),
-            "dataset": _class_name(data_cfg).removesuffix("DataModule"),
+            "data.seed": _value(data.seed),
+            "precision": _value(trainer.precision),
+            "dataset": type(trainer.datamodule).__name__.removesuffix("DataModule"),
             "preset": "+".join(presets) or "none",
         }
     )
