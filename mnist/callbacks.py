@@ -67,13 +67,20 @@ class ResumableCheckpoint(pl.Callback):
 
     @staticmethod
     def _save(trainer: pl.Trainer) -> str | None:
-        callback = trainer.checkpoint_callback
-        if callback is None or callback.dirpath is None:
-            return None
         # The checkpoint callback's own last.ckpt (it has no version counter in this project): overwritten.
-        path = str(Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
+        path = last_checkpoint_path(trainer)
+        if path is None:
+            return None
         trainer.save_checkpoint(path)
-        return path
+        return str(path)
+
+
+def last_checkpoint_path(trainer: pl.Trainer) -> Path | None:
+    """Where the run's ModelCheckpoint keeps ``last.ckpt``; None without checkpointing."""
+    callback = trainer.checkpoint_callback
+    if callback is None or callback.dirpath is None:
+        return None
+    return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
 
 
 class NonFiniteLossGuard(pl.Callback):
@@ -96,11 +103,10 @@ class NonFiniteLossGuard(pl.Callback):
         if loss is None or math.isfinite(loss.item()):
             return
         lrs = sorted({group["lr"] for opt in trainer.optimizers for group in opt.param_groups})
-        callback = trainer.checkpoint_callback
+        last = last_checkpoint_path(trainer)
         kept = ""
-        if callback is not None and callback.dirpath is not None:
-            last = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-            kept = str(last) if last.is_file() else callback.best_model_path
+        if last is not None:
+            kept = str(last) if last.is_file() else trainer.checkpoint_callback.best_model_path
         raise UserError(
             f"training stopped at step {trainer.global_step} (epoch {trainer.current_epoch}): the loss is "
             f"{loss.item()}. The learning rate ({', '.join(f'{lr:g}' for lr in lrs)}) is probably too high; lower "
