@@ -203,13 +203,13 @@ class MNISTClassifier(pl.LightningModule):
         # Here the trainer has restored a checkpoint it resumes from: say in one line what cannot go on.
         trainer = self.trainer
         for config in trainer.lr_scheduler_configs:
-            total = getattr(config.scheduler, "total_steps", None)
-            if isinstance(config.scheduler, torch.optim.lr_scheduler.OneCycleLR) and total is not None:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
                 needed = int(trainer.estimated_stepping_batches)
-                if needed > total:
+                if needed > scheduler.total_steps:
                     raise UserError(
-                        f"the checkpoint's one-cycle schedule spans {total} steps and has run "
-                        f"{config.scheduler.last_epoch} of them; this run needs {needed}. A one-cycle schedule cannot "
+                        f"the checkpoint's one-cycle schedule spans {scheduler.total_steps} steps and has run "
+                        f"{scheduler.last_epoch} of them; this run needs {needed}. A one-cycle schedule cannot "
                         "be extended: start a new run with the epochs you want (fit without --ckpt_path), or continue "
                         "with the same --trainer.max_epochs as the run was made with"
                     )
