@@ -4,6 +4,8 @@ Both are drawn with Pillow at a size TensorBoard shows without scaling down much
 pixels wide), with text of 13 to 16 pixels.
 """
 
+import functools
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -11,7 +13,9 @@ from PIL import Image, ImageDraw, ImageFont
 CELL = 40  # pixels per confusion-matrix cell
 
 
+@functools.cache
 def _font(size: int) -> ImageFont.ImageFont:
+    # Loaded once per size: a picture draws a few hundred labels, and each load costs about 0.1 ms.
     return ImageFont.load_default(size=size)
 
 
