@@ -3,7 +3,6 @@
 import csv
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,15 +14,12 @@ from tests.conftest import cli_in_process as cli
 from tests.fake_mnist import write_fake_mnist
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+ONE_EPOCH = ["--trainer.max_epochs", "1"]
 
 
-def short(data_dir: Path) -> list[str]:
-    return ["--data.data_dir", str(data_dir), "--data.val_size", str(VAL_SIZE), "--trainer.max_epochs", "1", *QUIET]
-
-
-def test_csv_logger_run_is_found_evaluated_and_gets_pictures(tmp_path, mnist_dir, monkeypatch, capsys):
+def test_csv_logger_run_is_found_evaluated_and_gets_pictures(tmp_path, fast_args, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    cli(["fit", "--config", str(CONFIG), *short(mnist_dir), "--trainer.logger", "CSVLogger",
+    cli(["fit", *fast_args, *ONE_EPOCH, "--trainer.logger", "CSVLogger",
          "--trainer.logger.save_dir", "csv_logs"])  # fmt: skip
     run = tmp_path / "csv_logs" / "lightning_logs" / "version_0"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
@@ -40,23 +36,23 @@ def test_csv_logger_run_is_found_evaluated_and_gets_pictures(tmp_path, mnist_dir
     assert "test/acc" in captured.out
 
 
-def test_without_a_logger_checkpoints_are_still_found(tmp_path, mnist_dir, monkeypatch, capsys):
+def test_without_a_logger_checkpoints_are_still_found(tmp_path, fast_args, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    cli(["fit", "--config", str(CONFIG), *short(mnist_dir), "--trainer.logger", "false"])
+    cli(["fit", *fast_args, *ONE_EPOCH, "--trainer.logger", "false"])
     assert (tmp_path / "logs" / "checkpoints" / "last.ckpt").is_file()
     capsys.readouterr()
     cli(["validate", "--ckpt_path", "best", *QUIET])
     assert "Using the best checkpoint of logs: logs/checkpoints/epoch00-val_loss" in capsys.readouterr().err
 
 
-def test_two_loggers_at_once(tmp_path, mnist_dir, monkeypatch, capsys):
+def test_two_loggers_at_once(tmp_path, fast_args, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     loggers = {"trainer": {"logger": [
         {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs"}},
         {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "logs", "name": "csv"}},
     ]}}  # fmt: skip
     (tmp_path / "loggers.yaml").write_text(yaml.safe_dump(loggers))
-    cli(["fit", "--config", str(CONFIG), "--config", "loggers.yaml", *short(mnist_dir)])
+    cli(["fit", *fast_args, *ONE_EPOCH, "--config", "loggers.yaml"])
     assert list((tmp_path / RUNS / "version_0").glob("events.out.tfevents.*"))
     assert (tmp_path / "logs" / "csv" / "version_0" / "metrics.csv").is_file()
     capsys.readouterr()
@@ -64,16 +60,16 @@ def test_two_loggers_at_once(tmp_path, mnist_dir, monkeypatch, capsys):
     assert "test/acc" in capsys.readouterr().out
 
 
-def test_default_root_dir_places_the_runs(tmp_path, mnist_dir, monkeypatch):
+def test_default_root_dir_places_the_runs(tmp_path, fast_args, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli(["fit", "--config", str(CONFIG), *short(mnist_dir), "--trainer.default_root_dir", "elsewhere"])
+    cli(["fit", *fast_args, *ONE_EPOCH, "--trainer.default_root_dir", "elsewhere"])
     assert (tmp_path / "elsewhere" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "logs").exists()
 
 
-def test_a_run_continues_from_its_checkpoint_alone(tmp_path, mnist_dir, monkeypatch, capsys):
+def test_a_run_continues_from_its_checkpoint_alone(tmp_path, fast_args, mnist_dir, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    cli(["fit", "--config", str(CONFIG), *short(mnist_dir), "--data.batch_size", "64"])
+    cli(["fit", *fast_args, *ONE_EPOCH, "--data.batch_size", "64"])
     capsys.readouterr()
     cli(["fit", "--ckpt_path", "last", "--trainer.max_epochs", "2"])
     assert "Using the config of the run that wrote" in capsys.readouterr().err
@@ -87,9 +83,9 @@ def test_a_run_continues_from_its_checkpoint_alone(tmp_path, mnist_dir, monkeypa
     assert not (tmp_path / RUNS / "version_1").exists()
 
 
-def test_a_run_that_cannot_continue_says_why(tmp_path, mnist_dir):
+def test_a_run_that_cannot_continue_says_why(tmp_path, fast_args):
     fast = str(ROOT / "configs" / "fast.yaml")
-    result = run_main(["fit", "--config", str(CONFIG), "--config", fast, *short(mnist_dir)], cwd=tmp_path)
+    result = run_main(["fit", *fast_args, "--config", fast, *ONE_EPOCH], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for epochs, message in (("2", "one-cycle schedule spans"), ("1", "nothing was trained")):
         result = run_main(["fit", "--ckpt_path", "last", "--trainer.max_epochs", epochs], cwd=tmp_path)
@@ -105,11 +101,13 @@ def test_a_run_that_cannot_continue_says_why(tmp_path, mnist_dir):
         (["--data", "mnist.data.KMNISTDataModule"], "KMNIST", ["o", "ki", "su", "tsu", "na"]),
     ],
 )
-def test_other_datasets_flow_into_model_predictions_and_export(tmp_path, monkeypatch, capsys, how, folder, names):
+def test_other_datasets_flow_into_model_predictions_and_export(
+    tmp_path, fast_args, monkeypatch, capsys, how, folder, names
+):
     data_dir = tmp_path / "data"
     write_fake_mnist(data_dir, folder=folder)
     monkeypatch.chdir(tmp_path)
-    cli(["fit", "--config", str(CONFIG), *how, *short(data_dir)])
+    cli(["fit", *fast_args, *how, "--data.data_dir", str(data_dir), *ONE_EPOCH])
     run = tmp_path / RUNS / "version_0"
     model = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     assert model["class_names"][:5] == names[:5] and model["mean"] != 0.1307
