@@ -48,6 +48,15 @@ class ResumableCheckpoint(pl.Callback):
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning installs a SIGTERM handler of its own after `on_fit_start`, wrapping this one. It ends the fit at
+        # the end of the step with exit code 0 and no checkpoint, so a SIGTERM landing after this callback's check
+        # in `on_train_batch_end` (while a step checkpoint is written, say) was lost. Training answers to this
+        # handler alone; Lightning restores its own, and `teardown` the ones from before the fit.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, self._on_signal)
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)

@@ -116,7 +116,10 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, args,
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_a_resumable_checkpoint_and_says_so(tmp_path, args, uninterrupted, signum):
     last = tmp_path / "logs/lightning_logs/version_0/checkpoints/last.ckpt"
-    proc = start([*args, "--trainer.max_epochs", "3"], tmp_path)
+    # A checkpoint every step (weights unchanged by it) keeps training busy writing after the stop check of each
+    # step, where a SIGTERM used to reach only Lightning's own handler, which ended the fit with exit code 0 and no
+    # checkpoint; it also leaves the remaining 32 steps long enough for the signal to land before the run ends.
+    proc = start([*args, "--trainer.max_epochs", "3", "--resumable.every_n_train_steps", "1"], tmp_path)
     wait_for(lambda: global_step(last) >= 16, proc)  # after the first epoch, so the stop lands mid-training
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
