@@ -10,7 +10,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.callbacks import BasePredictionWriter, ModelSummary
 
 from mnist.errors import TrainingInterrupted, UserError
 
@@ -188,3 +188,14 @@ class PredictionCSVWriter(BasePredictionWriter):
             if len(rows) > 20:
                 print(f"... and {len(rows) - 20} more")
         print(f"Predictions for {len(rows)} images written to {path}")
+
+
+class NetworkSummary(ModelSummary):
+    """Lightning's model summary, rows of modules without parameters (the model's metric objects) left out."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], *args, **kwargs) -> None:
+        columns = dict(summary_data)
+        kept = [row for row, params in enumerate(columns["Params"]) if params.strip() != "0"]
+        summary_data = [(name, [values[row] for row in kept]) for name, values in summary_data]
+        ModelSummary.summarize(summary_data, *args, **kwargs)

@@ -9,7 +9,6 @@ import re
 import signal
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import torch
@@ -19,23 +18,23 @@ from jsonargparse.typing import PositiveInt
 from lightning_fabric.plugins import CheckpointIO
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning import Trainer
-from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from mnist import runs
-from mnist.callbacks import NonFiniteLossGuard, PredictionCSVWriter, ResumableCheckpoint
+from mnist.callbacks import NetworkSummary, NonFiniteLossGuard, PredictionCSVWriter, ResumableCheckpoint
 from mnist.checkpoint_io import DurableCheckpointIO
+from mnist.console import quiet_console
 from mnist.data import MNISTDataModule
 from mnist.errors import TrainingInterrupted, UserError, exit_with_message
+from mnist.logger import StageTensorBoardLogger
 from mnist.model import MNISTClassifier
 from mnist.reporting import log_hyperparameters, run_summary
 
 # `--print_completion shtab-bash` (or shtab-zsh) prints a shell completion script; it needs the optional `shtab`.
 set_parsing_settings(add_print_completion_argument=True)
-
-# The CSV writer takes each sample's index from the loader's sampler, not from Lightning's batch indices.
-warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+quiet_console()
 
 # What a checkpoint's saved config holds that belongs to the command that wrote it, not to the run.
 COMMAND_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predictions")
@@ -122,7 +121,7 @@ class MNISTCLI(LightningCLI):
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.mode": "min",
                 "checkpoint.save_last": True,
-                "checkpoint.filename": "epoch{epoch:02d}-val_loss{val/loss:.4f}",
+                "checkpoint.filename": "epoch{epoch:02d}-val_loss{val/loss:.4f}-val_acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
                 # Every run has a directory of its own: nothing in it is from another run to protect by numbering.
                 "checkpoint.enable_version_counter": False,
@@ -184,6 +183,11 @@ class MNISTCLI(LightningCLI):
         # config.yaml configures a progress bar; a command line that turns the bar off means that one too.
         if trainer.get("enable_progress_bar") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        if trainer.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+            callbacks.append(NetworkSummary())
+        if trainer.get("logger") in (None, True):
+            # Lightning's default logger, laid out for reading at a glance (mnist/logger.py).
+            kwargs.setdefault("logger", StageTensorBoardLogger(save_dir=trainer.get("default_root_dir") or "."))
         if trainer.get("enable_checkpointing") is not False:
             # Also when evaluating: Lightning warns when a checkpoint's callbacks are missing.
             callbacks.append(init["checkpoint"])
@@ -206,15 +210,26 @@ class MNISTCLI(LightningCLI):
                 f"{resumed[0]} has already trained to epoch {resumed[1]} and --trainer.max_epochs is "
                 f"{self.trainer.max_epochs}: nothing was trained. Raise --trainer.max_epochs to continue the run"
             )
+        self._report_where_logged("fit")
+
+    def after_validate(self) -> None:
+        self._report_where_logged("validate")
+
+    def after_test(self) -> None:
+        self._report_where_logged("test")
+
+    def _report_where_logged(self, stage: str) -> None:
         # `trainer.log_dir` broadcasts, a collective call that only process 0 would make here; the logger's does not.
         log_dir = self.trainer.logger.log_dir if self.trainer.logger is not None else None
         if not self.trainer.is_global_zero:
             return
         callback = self.trainer.checkpoint_callback
-        if callback is not None and callback.best_model_path:
-            print(f"Best checkpoint: {callback.best_model_path}", file=sys.stderr)
+        if stage == "fit" and callback is not None and callback.best_model_path:
+            score = callback.best_model_score
+            best = f" ({callback.monitor} {score:.4f})" if score is not None and callback.monitor else ""
+            print(f"Best checkpoint{best}: {callback.best_model_path}", file=sys.stderr)
         if log_dir is not None:
-            print(f"Run directory: {log_dir}", file=sys.stderr)
+            print(f"{'Run directory' if stage == 'fit' else 'Logged to'}: {log_dir}", file=sys.stderr)
         tensorboard = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if tensorboard:
             print(f"Curves: tensorboard --logdir {tensorboard[0].root_dir}", file=sys.stderr)
@@ -294,7 +309,7 @@ def _continue_run_of(path: Path, config: Namespace) -> None:
         if run_dir.parent.resolve() != (_root_dir(config) / "lightning_logs").resolve():
             return
         config.trainer.logger = Namespace(
-            class_path="pytorch_lightning.loggers.TensorBoardLogger",
+            class_path="mnist.logger.StageTensorBoardLogger",
             init_args=Namespace(save_dir=str(_root_dir(config)), name="lightning_logs"),
         )
     first = _loggers(config)[:1]

@@ -1,5 +1,6 @@
 """The LightningModule: trains any network from ``mnist.networks`` with cross-entropy and logs its metrics."""
 
+import sys
 from collections.abc import Callable
 from typing import Literal
 
@@ -68,6 +69,8 @@ class MNISTClassifier(pl.LightningModule):
         )
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
+        # The model summary runs it through the network to count FLOPs and show the shapes.
+        self.example_input_array = torch.zeros(1, *image_shape)
         self.checkpoint_step: int | None = None  # the training step of the checkpoint an evaluation loaded
         # Training metrics accumulate in one cheap update (see LossAccuracy); validation and test use torchmetrics'
         # own, one object per stage and quantity, so that each is reset and synced across processes on its own.
@@ -114,7 +117,8 @@ class MNISTClassifier(pl.LightningModule):
         self.log(f"{stage}/acc", acc, prog_bar=stage == "val")
         if stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.val_loss_best.update(loss.compute())
-            self.log("val/loss_best", self.val_loss_best.compute(), sync_dist=True)
+            # `best_val/loss`, not `val/loss_best`: TensorBoard then draws it on the loss chart, as a run of its own.
+            self.log("best_val/loss", self.val_loss_best.compute(), sync_dist=True)
         # Lightning puts a value named `step` on the x-axis: evaluations of a checkpoint then sit at its step.
         # (Every value logged here is already the same on every process; sync_dist only keeps Lightning quiet.)
         self.log("step", self._step_axis(), sync_dist=True)
@@ -175,19 +179,30 @@ class MNISTClassifier(pl.LightningModule):
         confidence, prediction = probs.max(dim=1)
         return {"target": y, "prediction": prediction, "confidence": confidence, "probs": probs}
 
-    def spans_run(self) -> bool:
-        """Whether the scheduler is a one-cycle schedule left to span the whole run (no ``total_steps``)."""
+    def one_cycle(self) -> bool:
+        """Whether the scheduler is a one-cycle schedule, which sets the learning rate itself."""
         # Under LightningCLI the hyperparameters hold the scheduler as configured (class_path and init_args).
         spec = self.hparams.get("lr_scheduler")
-        if not isinstance(spec, dict) or not str(spec.get("class_path", "")).endswith("OneCycleLR"):
+        return isinstance(spec, dict) and str(spec.get("class_path", "")).endswith("OneCycleLR")
+
+    def spans_run(self) -> bool:
+        """Whether the scheduler is a one-cycle schedule left to span the whole run (no ``total_steps``)."""
+        if not self.one_cycle():
             return False
-        given = spec.get("init_args") or {}
+        given = self.hparams.lr_scheduler.get("init_args") or {}
         return not (given.get("total_steps") or (given.get("epochs") and given.get("steps_per_epoch")))
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
         if self.lr_scheduler is None:
             return optimizer
+        max_lr = (self.hparams.lr_scheduler.get("init_args") or {}).get("max_lr") if self.one_cycle() else None
+        if max_lr is not None and optimizer.defaults["lr"] != max_lr and self.trainer.is_global_zero:
+            print(
+                f"warning: the one-cycle schedule sets the learning rate (up to max_lr {max_lr}); the optimizer's "
+                f"lr {optimizer.defaults['lr']} is not used. Set --model.lr_scheduler.init_args.max_lr instead",
+                file=sys.stderr,
+            )
         if self.spans_run():
             # The config stays right when the batch size, the split or the number of epochs changes.
             total_steps = int(self.trainer.estimated_stepping_batches)

@@ -1,8 +1,8 @@
 """What a run reports to its loggers beyond scalars: pictures and a hyperparameter summary, for any logger.
 
 Lightning's loggers share ``log_metrics`` and ``log_hyperparams`` but no way to log a picture, and TensorBoard's
-HParams tab needs the metrics declared next to the hyperparameters. The per-logger code lives here, so that the
-model and the callbacks name no logger class.
+HParams tab reads hyperparameters from a summary of its own. The per-logger code lives here, so that the model and
+the callbacks name no logger class.
 """
 
 from collections.abc import Iterable
@@ -15,8 +15,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from torch.utils.tensorboard.writer import FileWriter
 
-# The metrics TensorBoard's HParams tab shows next to each run's hyperparameters (its last value of each tag).
-SUMMARY_METRICS = ("val/loss_best", "val/acc", "test/loss", "test/acc")
+from mnist.logger import StageTensorBoardLogger
 
 
 def log_image(loggers: Iterable[Logger], tag: str, image: np.ndarray, step: int) -> None:
@@ -26,7 +25,9 @@ def log_image(loggers: Iterable[Logger], tag: str, image: np.ndarray, step: int)
     its ``metrics.csv`` (``images/<tag>/step_<step>.png``).
     """
     for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
+        if isinstance(logger, StageTensorBoardLogger):
+            logger.log_image(tag, image, step)
+        elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(tag, image, step, dataformats="HWC")
         elif isinstance(logger, WandbLogger):
             logger.log_image(key=tag, images=[image], step=step)
@@ -41,15 +42,15 @@ def log_image(loggers: Iterable[Logger], tag: str, image: np.ndarray, step: int)
 def log_hyperparameters(loggers: Iterable[Logger], params: dict[str, bool | int | float | str]) -> None:
     """Record a run's hyperparameters with every logger.
 
-    For TensorBoard the summary also declares ``SUMMARY_METRICS``, so its HParams tab compares runs by them; it is
-    written to an event file of its own, since ``TensorBoardLogger.log_hyperparams`` would also log each declared
-    metric as a point at step 0.
+    For TensorBoard only the run's session is written, in an event file of its own, and no experiment summary
+    (``TensorBoardLogger.log_hyperparams`` writes one, plus a placeholder metric at step 0). Without one, the HParams
+    tab lists the settings of every run, not only of the first it reads, marks those that differ between runs
+    and shows them first, and takes the metrics from the scalars each run logged.
     """
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            experiment, session_start, _ = hparams_summaries(params, dict.fromkeys(SUMMARY_METRICS, 0.0))
+            _, session_start, _ = hparams_summaries(params, {})
             writer = FileWriter(logger.log_dir)
-            writer.add_summary(experiment)
             writer.add_summary(session_start)
             writer.close()
         else:
@@ -83,10 +84,12 @@ def run_summary(config, trainer, model) -> dict[str, bool | int | float | str]:
     scheduler = config.model.get("lr_scheduler")
     spans_run = model.spans_run()
     data = trainer.datamodule.hparams
+    network_args = _init_args(config.model.get("network"))
     summary = {
-        "lr": _value(_init_args(scheduler)["max_lr"] if spans_run else optimizer.defaults["lr"]),
+        "lr": _value(_init_args(scheduler)["max_lr"] if model.one_cycle() else optimizer.defaults["lr"]),
         "batch_size": _value(data.batch_size),
-        "network": type(model.network).__name__,
+        # With its sizes: runs of different networks show them in one column, the only one that differs.
+        "network": f"{type(model.network).__name__}({', '.join(f'{k}={v}' for k, v in network_args.items())})",
         "optimizer": type(optimizer).__name__,
         "lr_scheduler": str(scheduler.class_path).rsplit(".", 1)[-1] if scheduler is not None else "none",
     }
@@ -95,7 +98,7 @@ def run_summary(config, trainer, model) -> dict[str, bool | int | float | str]:
             summary[f"optimizer.{key}"] = _value(optimizer.defaults[key])
     if scheduler is not None:
         summary["lr_scheduler.interval"] = "step" if spans_run else model.hparams.scheduler_interval
-    for key, value in _init_args(config.model.get("network")).items():
+    for key, value in network_args.items():
         summary[f"network.{key}"] = _value(value)
     presets = [Path(str(p)).name for p in (config.get("config") or []) if Path(str(p)).suffix in (".yaml", ".yml")]
     summary.update(

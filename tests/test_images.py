@@ -74,19 +74,22 @@ def trained(tmp_path_factory, mnist_dir) -> Path:
     return cwd
 
 
-def image_tags(run_dir: Path) -> set[str]:
-    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
-    events.Reload()
-    return set(events.Tags()["images"])
+def images(run_dir: Path) -> dict[str, list[int]]:
+    """A run's pictures by the name the model logs them under (``val/confusion_matrix``), with their steps."""
+    found = {}
+    for stage in ("val", "test"):
+        events = EventAccumulator(str(run_dir / stage), size_guidance={"images": 0})
+        events.Reload()
+        for tag in events.Tags()["images"]:
+            found[f"{stage}/{tag.removeprefix('pictures/')}"] = [e.step for e in events.Images(tag)]
+    return found
 
 
 def test_tensorboard_shows_confusion_matrix_and_mistakes(trained):
-    run = trained / "logs/lightning_logs/version_0"
-    assert {"val/confusion_matrix", "val/most_confident_mistakes"} <= image_tags(run)
-    assert {"test/confusion_matrix", "test/most_confident_mistakes"} <= image_tags(run)
-    events = EventAccumulator(str(run), size_guidance={"images": 0})
-    events.Reload()
-    assert len(events.Images("val/confusion_matrix")) == 2, "one per validation epoch, none for the sanity check"
+    pictures = images(trained / "logs/lightning_logs/version_0")
+    assert {"val/confusion_matrix", "val/most_confident_mistakes"} <= pictures.keys()
+    assert {"test/confusion_matrix", "test/most_confident_mistakes"} <= pictures.keys()
+    assert len(pictures["val/confusion_matrix"]) == 2, "one per validation epoch, none for the sanity check"
 
 
 def test_predict_own_images_writes_the_csv(trained, mnist_dir, tmp_path, capsys):

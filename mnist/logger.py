@@ -1,0 +1,73 @@
+"""TensorBoard laid out to be read at a glance: one run per stage, so that one chart holds train, val and test loss.
+
+TensorBoard draws a tag on one chart for every run that has it, and gives each tag prefix a group of its own. A
+metric the model logs as ``val/loss`` is therefore written as the tag ``loss`` of the run ``<version>/val``:
+
+- the charts ``acc`` and ``loss`` open first, each with its training, validation and test values overlaid;
+- ``lr`` and the pictures (``pictures/...``) sort after them;
+- the hyperparameter session sits in ``<version>``, so TensorBoard's HParams tab takes each stage's last values
+  as that run's metrics, column ``val.acc``, ``test.loss``, ... .
+
+Other loggers (CSV, W&B, MLflow) get the metric names unchanged.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning_fabric.utilities.rank_zero import rank_zero_only
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch.utils.tensorboard import SummaryWriter
+
+
+class StageTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger, writing a metric ``stage/name`` as the tag ``name`` of the run ``stage``.
+
+    Takes the arguments of ``pytorch_lightning.loggers.TensorBoardLogger``. Metrics without a ``/`` stay in the
+    version's own run.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._stage_writers: dict[str, SummaryWriter] = {}
+
+    def stage_writer(self, stage: str) -> SummaryWriter:
+        """The writer of the run ``<version>/<stage>``, opened on first use."""
+        if stage not in self._stage_writers:
+            self._stage_writers[stage] = SummaryWriter(str(Path(self.log_dir) / stage))
+        return self._stage_writers[stage]
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float | torch.Tensor], step: int | None = None) -> None:
+        rest = {}
+        for key, value in metrics.items():
+            stage, _, name = key.partition("/")
+            if not name:
+                rest[key] = value
+                continue
+            value = value.item() if isinstance(value, torch.Tensor) else value
+            self.stage_writer(stage).add_scalar(name, value, step)
+        if rest:
+            super().log_metrics(rest, step)
+
+    @rank_zero_only
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        """Log an RGB ``(H, W, 3)`` uint8 picture ``stage/name`` as ``pictures/name`` of the stage's run."""
+        stage, _, name = key.partition("/")
+        if not name:
+            self.experiment.add_image(key, image, step, dataformats="HWC")
+        else:
+            self.stage_writer(stage).add_image(f"pictures/{name}", image, step, dataformats="HWC")
+
+    @rank_zero_only
+    def save(self) -> None:
+        super().save()
+        for writer in self._stage_writers.values():
+            writer.flush()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        for writer in self._stage_writers.values():
+            writer.close()
+        self._stage_writers.clear()
