@@ -36,6 +36,9 @@ from mnist.reporting import log_hyperparameters, run_summary
 set_parsing_settings(add_print_completion_argument=True)
 quiet_console()
 
+# TensorBoard's address with smoothing off: its default (0.6) bends the epoch curves below their values.
+TENSORBOARD_URL = "http://localhost:6006/?smoothing=0"
+
 # What a checkpoint's saved config holds that belongs to the command that wrote it, not to the run.
 COMMAND_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predictions")
 
@@ -232,7 +235,10 @@ class MNISTCLI(LightningCLI):
             print(f"{'Run directory' if stage == 'fit' else 'Logged to'}: {log_dir}", file=sys.stderr)
         tensorboard = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if tensorboard:
-            print(f"Curves: tensorboard --logdir {tensorboard[0].root_dir}", file=sys.stderr)
+            # Unsmoothed: a curve of a few epoch values under TensorBoard's default smoothing ends below its value.
+            print(
+                f"Curves: tensorboard --logdir {tensorboard[0].root_dir}, then open {TENSORBOARD_URL}", file=sys.stderr
+            )
 
 
 def _condense(message: str) -> str:

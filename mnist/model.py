@@ -147,7 +147,7 @@ class MNISTClassifier(pl.LightningModule):
         # call costs about as much as this network's whole step, so they are logged only on those steps.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-            self.log("train/loss", loss.detach(), prog_bar=True)
+            self.log("train/loss_step", loss.detach(), prog_bar=True)
             self.log_dict({"train/lr": lr, "step": float(self.global_step)})
         return loss
 
@@ -163,7 +163,8 @@ class MNISTClassifier(pl.LightningModule):
         # DDP, that an epoch value was logged unsynced.
         values = self.train_metrics.compute()
         self.train_metrics.reset()
-        self.log("train/loss_epoch", values["loss"], sync_dist=True)
+        # `train/loss` is the epoch's mean, the one comparable to `val/loss` (TensorBoard draws them on one chart).
+        self.log("train/loss", values["loss"], sync_dist=True)
         self.log("train/acc", values["acc"], sync_dist=True)
         self.log("step", self._step_axis(), sync_dist=True)
 

@@ -51,14 +51,15 @@ def test_fit_writes_one_run_directory(trained):
 
 def test_tensorboard_has_the_curves_at_the_training_step(trained):
     curves = scalars(trained / "logs" / "lightning_logs" / "version_0")
-    for tag in ("train/loss", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "best_val/loss"):
+    for tag in ("train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "best_val/loss"):
         assert tag in curves, sorted(curves)
     assert "train/lr" in curves and all(s.value == pytest.approx(0.01) for s in curves["train/lr"])
-    assert len(curves["train/loss"]) >= 2 and len(curves["val/loss"]) == 2
+    assert len(curves["train/loss_step"]) >= 2 and len(curves["val/loss"]) == 2
     # Epoch values sit at the training step they were taken at.
     steps_per_epoch = -(-500 // 32)
     assert [s.step for s in curves["val/loss"]] == [steps_per_epoch, 2 * steps_per_epoch]
     assert [s.step for s in curves["train/acc"]] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert [s.step for s in curves["train/loss"]] == [steps_per_epoch, 2 * steps_per_epoch]
 
 
 def test_test_in_a_new_process_from_best_without_config(trained, mnist_dir):
@@ -115,14 +116,14 @@ def test_second_fit_opens_a_new_run_and_resume_continues_it(tmp_path, fast_args,
     cli(["fit", *fast_args, "--trainer.max_epochs", "1"])
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
     first_config = (runs / "version_0" / "config.yaml").read_text()
-    steps_before = max(s.step for s in scalars(runs / "version_1")["train/loss"])
+    steps_before = max(s.step for s in scalars(runs / "version_1")["train/loss_step"])
 
     cli(["fit", *fast_args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"], "resume opened a new run"
     assert (runs / "version_0" / "config.yaml").read_text() == first_config
     assert (runs / "version_1" / "config-1.yaml").is_file()
     curves = scalars(runs / "version_1")
-    assert max(s.step for s in curves["train/loss"]) > steps_before
+    assert max(s.step for s in curves["train/loss_step"]) > steps_before
     assert [s.step for s in curves["val/loss"]] == sorted({s.step for s in curves["val/loss"]})
     assert len(curves["val/loss"]) == 2
     last = torch.load(runs / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)

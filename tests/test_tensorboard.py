@@ -41,7 +41,10 @@ def test_time_series_opens_on_accuracy_and_loss_with_stages_overlaid(two_runs):
     runs = tb.load(two_runs["logdir"])
     assert tb.opened_groups(runs) == ["acc", "loss"]
     # One chart per tag, one line per stage: train, val and test loss together, the test at its checkpoint's step.
-    assert {"loss", "acc", "lr"} <= tb.scalars(runs, f"{RUN0}/train").keys()
+    train = tb.scalars(runs, f"{RUN0}/train")
+    assert {"loss", "acc", "lr", "loss_step"} <= train.keys()
+    # The epoch's mean training loss, at the same steps as the validation loss it is drawn with.
+    assert [step for step, _ in train["loss"]] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     val, test = tb.scalars(runs, f"{RUN0}/val"), tb.scalars(runs, f"{RUN0}/test")
     assert {"loss", "acc"} <= val.keys() and {"loss", "acc"} <= test.keys()
     assert [step for step, _ in val["loss"]] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
@@ -95,9 +98,8 @@ def test_console_of_a_fit_says_what_matters(two_runs):
     err = two_runs["fit"].stderr
     assert "Run directory: logs/lightning_logs/version_0" in err
     assert re.search(r"Best checkpoint \(val/loss \d+\.\d{4}\): logs/.*-val_acc\d\.\d{4}\.ckpt", err), err
-    assert err.rstrip().endswith("Curves: tensorboard --logdir logs/lightning_logs")
+    curves = "Curves: tensorboard --logdir logs/lightning_logs, then open http://localhost:6006/?smoothing=0"
+    assert err.rstrip().endswith(curves)
     test = two_runs["test"]
     assert "test/acc" in test.stdout
-    assert test.stderr.rstrip().endswith(
-        "Logged to: logs/lightning_logs/version_0\nCurves: tensorboard --logdir logs/lightning_logs"
-    )
+    assert test.stderr.rstrip().endswith(f"Logged to: logs/lightning_logs/version_0\n{curves}")
