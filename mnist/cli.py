@@ -183,6 +183,7 @@ class MNISTCLI(LightningCLI):
         trainer = init["trainer"]
         callbacks = trainer.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        callbacks += kwargs.pop("callbacks", [])  # a subclass's own (mnist.sweep adds its trial reporter)
         # config.yaml configures a progress bar; a command line that turns the bar off means that one too.
         if trainer.get("enable_progress_bar") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]

@@ -20,6 +20,9 @@ from mnist.images import image_files, load_digits
 from mnist.loader import BatchLoader, EpochSampler
 
 # name: (IDX type code and number of dimensions, shape of one item)
+# Splits kept by data modules with `keep_loaded`: (class, folder, train) -> (images, labels).
+_LOADED: dict[tuple[type, str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+
 IDX_FILES = {
     "train-images-idx3-ubyte": (0x0803, (28, 28)),
     "train-labels-idx1-ubyte": (0x0801, ()),
@@ -71,6 +74,9 @@ class MNISTDataModule(pl.LightningDataModule):
     dataset = MNIST  # the torchvision class that downloads and parses the files
     mean, std = 0.1307, 0.3081  # pixel statistics of the training images, in [0, 1]
     image_shape = (1, 28, 28)
+    # Keep each split in memory once loaded, for the next data module of the same class and folder in this
+    # process: a sweep's trials then read the files once (mnist/sweep.py turns it on).
+    keep_loaded = False
 
     def __init__(
         self,
@@ -136,7 +142,13 @@ class MNISTDataModule(pl.LightningDataModule):
         return images.float().div_(255), labels
 
     def _load_to_device(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = self.load(train)
+        key = (type(self), str(Path(self.hparams.data_dir).resolve()), train)
+        if self.keep_loaded and key in _LOADED:
+            images, labels = _LOADED[key]
+        else:
+            images, labels = self.load(train)
+            if self.keep_loaded:
+                _LOADED[key] = images, labels
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         return images.to(device), labels.to(device)
 
