@@ -24,7 +24,7 @@ from mnist.networks import MLP  # noqa: E402
 class Bare(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.network = MLP()
+        self.network = MLP((1, 28, 28), 10)
         self.correct = 0
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

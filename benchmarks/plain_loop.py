@@ -40,7 +40,7 @@ def main() -> None:
     args = arguments(__doc__)
     torch.manual_seed(0)
     train_x, train_y, val_x, val_y = train_and_val(args.data_dir)
-    model = MLP()
+    model = MLP((1, 28, 28), 10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     bs = args.batch_size
     for epoch in range(args.epochs):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from pytorch_lightning.callbacks import BasePredictionWriter, ModelSummary
+from pytorch_lightning.callbacks import BasePredictionWriter
 
 from mnist.errors import TrainingInterrupted, UserError
 
@@ -99,14 +99,18 @@ class NonFiniteLossGuard(pl.Callback):
     free on a CPU; on an accelerator, checking every few steps saves that wait at the price of a later stop.
 
     Args:
-        check_every_n_steps: Check the loss every this many training steps.
+        check_every_n_steps: Check the loss every this many training steps. By default every step on a CPU, and on
+            an accelerator every ``log_every_n_steps`` steps, when Lightning reads the logged loss anyway.
     """
 
-    def __init__(self, check_every_n_steps: PositiveInt = 1) -> None:
+    def __init__(self, check_every_n_steps: PositiveInt | None = None) -> None:
         self.check_every_n_steps = check_every_n_steps
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step % self.check_every_n_steps:
+        every = self.check_every_n_steps
+        if every is None:
+            every = 1 if pl_module.device.type == "cpu" else trainer.log_every_n_steps
+        if trainer.global_step % every:
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None or math.isfinite(loss.item()):
@@ -188,14 +192,3 @@ class PredictionCSVWriter(BasePredictionWriter):
             if len(rows) > 20:
                 print(f"... and {len(rows) - 20} more")
         print(f"Predictions for {len(rows)} images written to {path}")
-
-
-class NetworkSummary(ModelSummary):
-    """Lightning's model summary, rows of modules without parameters (the model's metric objects) left out."""
-
-    @staticmethod
-    def summarize(summary_data: list[tuple[str, list[str]]], *args, **kwargs) -> None:
-        columns = dict(summary_data)
-        kept = [row for row, params in enumerate(columns["Params"]) if params.strip() != "0"]
-        summary_data = [(name, [values[row] for row in kept]) for name, values in summary_data]
-        ModelSummary.summarize(summary_data, *args, **kwargs)

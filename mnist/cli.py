@@ -23,14 +23,14 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from mnist import runs
-from mnist.callbacks import NetworkSummary, NonFiniteLossGuard, PredictionCSVWriter, ResumableCheckpoint
+from mnist.callbacks import NonFiniteLossGuard, PredictionCSVWriter, ResumableCheckpoint
 from mnist.checkpoint_io import DurableCheckpointIO
 from mnist.console import quiet_console
 from mnist.data import MNISTDataModule
 from mnist.errors import TrainingInterrupted, UserError, exit_with_message
 from mnist.logger import StageTensorBoardLogger
 from mnist.model import MNISTClassifier
-from mnist.reporting import log_hyperparameters, run_summary
+from mnist.reporting import log_hyperparameters, print_model_summary, run_summary
 
 # `--print_completion shtab-bash` (or shtab-zsh) prints a shell completion script; it needs the optional `shtab`.
 set_parsing_settings(add_print_completion_argument=True)
@@ -60,13 +60,20 @@ class RunConfigSaver(SaveConfigCallback):
     sends a summary of the settings people compare runs by to every logger (TensorBoard's HParams tab).
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._dumped: str | None = None
+
     @property
     def state_key(self) -> str:
         return runs.RUN_CONFIG_KEY
 
     def state_dict(self) -> dict[str, str]:
         # In every checkpoint: `--ckpt_path` without `--config` continues or evaluates the run as it was configured.
-        return {"config": self.parser.dump(self.config, skip_none=False)}
+        # Dumped once: the config does not change during a run, and a dump costs ~40 ms, two per epoch.
+        if self._dumped is None:
+            self._dumped = self.parser.dump(self.config, skip_none=False)
+        return {"config": self._dumped}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved:
@@ -104,7 +111,8 @@ class MNISTCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 42)
         # Any data module: --data mnist.data.FashionMNISTDataModule, or one of your own.
         kwargs.setdefault("subclass_mode_data", True)
-        self.resumed_from: tuple[Path, int, int] | None = None  # a checkpoint's path, epoch and step, with --ckpt_path
+        self.resumed_from: tuple[Path, int, int] | None = None
+        self._print_summary = False  # a checkpoint's path, epoch and step, with --ckpt_path
         super().__init__(MNISTClassifier, MNISTDataModule, args=args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -187,8 +195,12 @@ class MNISTCLI(LightningCLI):
         # config.yaml configures a progress bar; a command line that turns the bar off means that one too.
         if trainer.get("enable_progress_bar") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-        if trainer.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
-            callbacks.append(NetworkSummary())
+        # The model summary is printed by `before_fit`, not by a callback that would stay in every step's hooks.
+        self._print_summary = trainer.get("enable_model_summary") is not False and not any(
+            isinstance(c, ModelSummary) for c in callbacks
+        )
+        if self._print_summary:
+            kwargs["enable_model_summary"] = False
         if trainer.get("logger") in (None, True):
             # Lightning's default logger, laid out for reading at a glance (mnist/logger.py).
             kwargs.setdefault("logger", StageTensorBoardLogger(save_dir=trainer.get("default_root_dir") or "."))
@@ -205,6 +217,10 @@ class MNISTCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(DurableCheckpointIO())
         return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+
+    def before_fit(self) -> None:
+        if self._print_summary and self.trainer.is_global_zero:
+            print_model_summary(self.model)
 
     def after_fit(self) -> None:
         resumed = self.resumed_from

@@ -6,13 +6,12 @@ Only these exact messages are dropped; every other warning and info line still s
 import logging
 import warnings
 
-# Lightning's info lines that are not about this run: an advertisement; notes on its own bookkeeping (a one-cycle
-# schedule asks for the number of steps; the CLI brings its own model summary); and the normal end of a fit,
-# printed into the progress bar's last line, which the bar then draws a second time below it.
+# Lightning's info lines that are not about this run: an advertisement; a note on its own bookkeeping (a one-cycle
+# schedule asks for the number of steps); and the normal end of a fit, printed into the progress bar's last line,
+# which the bar then draws a second time below it.
 _QUIET_INFO = (
     "💡 Tip:",
     "Loading `train_dataloader` to estimate number of stepping batches",
-    "Trainer already configured with model summary callbacks",
     "`Trainer.fit` stopped: `max_epochs=",
 )
 

@@ -25,7 +25,7 @@ class LossAccuracy(Metric):
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
         # In place: assigning a state goes through nn.Module.__setattr__, which costs more than the sums themselves.
-        self.loss_sum.add_(loss.detach() * target.numel())
+        self.loss_sum.add_(loss.detach(), alpha=target.numel())
         self.correct.add_((logits.detach().argmax(dim=1) == target).sum())
         self.count.add_(target.numel())
 

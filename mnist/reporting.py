@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from pytorch_lightning.callbacks import ModelSummary
 from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.utilities.model_summary import get_human_readable_count, summarize
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from torch.utils.tensorboard.writer import FileWriter
 
@@ -112,3 +114,32 @@ def run_summary(config, trainer, model) -> dict[str, bool | int | float | str]:
         }
     )
     return summary
+
+
+def print_model_summary(model) -> None:
+    """Lightning's model summary table, with only the modules that hold parameters (not the metric objects).
+
+    Printed once before ``fit`` instead of by Lightning's ModelSummary callback, which Lightning would call at
+    every hook of every training step for the rest of the run.
+    """
+    summary = summarize(model, max_depth=1)
+    rows = [i for i, n in enumerate(summary.param_nums) if n > 0]
+    flops = [sum(counts.values()) for counts in summary.flop_counts.values()]
+    columns = [
+        (" ", [str(k) for k in range(len(rows))]),
+        ("Name", [summary.layer_names[i] for i in rows]),
+        ("Type", [summary.layer_types[i] for i in rows]),
+        ("Params", [get_human_readable_count(summary.param_nums[i]) for i in rows]),
+        ("Mode", ["train" if summary.training_modes[i] else "eval" for i in rows]),
+        ("FLOPs", [get_human_readable_count(flops[i]) for i in rows]),
+        ("In sizes", [str(summary.in_sizes[i]) for i in rows]),
+        ("Out sizes", [str(summary.out_sizes[i]) for i in rows]),
+    ]
+    ModelSummary.summarize(
+        columns,
+        summary.total_parameters,
+        summary.trainable_parameters,
+        summary.model_size,
+        summary.total_training_modes,
+        total_flops=summary.total_flops,
+    )

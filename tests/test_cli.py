@@ -9,6 +9,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.datasets import MNIST
 
+from mnist.networks import MLP
 from tests.conftest import CONFIG, N_TEST, run_main
 from tests.conftest import cli_in_process as cli
 
@@ -200,3 +201,21 @@ def test_fast_preset_stacks_and_its_one_cycle_spans_the_run(tmp_path, fast_args,
         config["data"]["init_args"]["batch_size"] == 64
         and config["model"]["lr_scheduler"]["init_args"]["max_lr"] == 0.2
     )
+
+
+@pytest.mark.slow
+def test_compiled_network_keeps_checkpoint_keys_resumes_and_exports(tmp_path, fast_args, mnist_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", *fast_args, "--trainer.max_epochs", "1", "--model.compile", "true"])
+    last = tmp_path / RUN / "checkpoints" / "last.ckpt"
+    keys = set(torch.load(last, weights_only=True)["state_dict"])
+    plain = {f"network.{k}" for k in MLP((1, 28, 28), 10).state_dict()}
+    assert plain <= keys and not any("_orig_mod" in k or "compiled" in k for k in keys)
+    cli(["fit", *fast_args, "--trainer.max_epochs", "2", "--model.compile", "true", "--ckpt_path", "last"])
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    from mnist.export import main as export_main
+
+    output = tmp_path / "model.pt2"
+    export_main(["--ckpt_path", str(last), "--format", "torch.export", "--output", str(output),
+                 "--data_dir", str(mnist_dir)])  # fmt: skip
+    assert output.stat().st_size > 0

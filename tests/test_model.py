@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -10,6 +11,7 @@ from mnist.metrics import LossAccuracy
 from mnist.model import MNISTClassifier
 from mnist.networks import MLP, ConvNet
 from tests.conftest import DATA_INFO
+from tests.conftest import cli_in_process as cli
 from tests.fake_mnist import digit_images
 
 SHAPE, CLASSES = (1, 28, 28), 10
@@ -95,3 +97,35 @@ def test_training_metric_agrees_with_torchmetrics():
     ours.reset()
     ours.update(torch.tensor(1.5), torch.eye(10)[:4], torch.tensor([0, 1, 2, 0]))
     assert ours.compute() == {"loss": torch.tensor(1.5), "acc": torch.tensor(0.75)}
+
+
+class HostSyncCounter(pl.Callback):
+    """Counts reads of tensor values on the host between the starts of consecutive training steps."""
+
+    calls = 0
+    per_step: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        HostSyncCounter.per_step.append(HostSyncCounter.calls)
+
+
+def test_training_steps_read_no_tensor_on_the_host(tmp_path, fast_args, monkeypatch):
+    # On CUDA each such read (item, tolist, float(), bool(), .cpu()) waits for the device; between logging steps
+    # a training step must make none, so that the data path and the loop run ahead of the GPU.
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            HostSyncCounter.calls += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    HostSyncCounter.calls, HostSyncCounter.per_step = 0, []
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", *fast_args, "--trainer.log_every_n_steps", "50", "--nan_guard.check_every_n_steps", "50",
+         "--trainer.callbacks+=tests.test_model.HostSyncCounter", "--trainer.limit_val_batches", "0"])  # fmt: skip
+    steps = HostSyncCounter.per_step
+    assert len(steps) == 32  # 2 epochs of 16 batches
+    reads = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    # One epoch boundary falls between steps 15 and 16 (epoch-end metrics and checkpoint are read there).
+    assert reads[:15] == [0] * 15 and reads[16:] == [0] * 15, reads
