@@ -1,7 +1,8 @@
 """Side-by-side speed of the template against the tutorial's pipeline and a plain PyTorch loop, on real MNIST.
 
-    python benchmarks/benchmark.py --data_dir data                # epoch times, about 5 minutes
-    python benchmarks/benchmark.py --data_dir data --presets      # plus time-to-accuracy of configs/*.yaml
+    python benchmarks/benchmark.py --data_dir data                # epoch times, about 10 minutes
+    python benchmarks/benchmark.py --data_dir data --presets fast cnn --seeds 0 1 2   # plus the presets' accuracy
+    python benchmarks/benchmark.py --data_dir data --compile      # plus the template with --model.compile true
 
 Contenders run in turn, in separate processes, alternating over --rounds so that the shared machine's slow spells
 hit all of them alike. An epoch is training plus validation. It prints a markdown table and writes it to --output.
@@ -68,20 +69,22 @@ def template_peak_memory(data_dir: Path) -> float:
     return int(output.split()[-1]) / 1024
 
 
-def measure_epochs(data_dir: Path, rounds: int, epochs: int) -> dict[str, list[float]]:
+def measure_epochs(data_dir: Path, rounds: int, epochs: int, compile_: bool) -> dict[str, list[float]]:
+    contenders = [("tutorial", "tutorial", 32)]
+    for batch in (32, 256):
+        contenders += [
+            ("plain loop", "plain", batch),
+            ("bare Lightning", "bare", batch),
+            ("template", "template", batch),
+        ]
+        if compile_:
+            contenders.append(("template, compiled", "compiled", batch))
     times: dict[str, list[float]] = {}
     for round_ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            for name, kind, batch in [
-                ("tutorial", "tutorial", 32),
-                ("plain loop", "plain", 32),
-                ("bare Lightning", "bare", 32),
-                ("template", "template", 32),
-                ("plain loop", "plain", 256),
-                ("bare Lightning", "bare", 256),
-                ("template", "template", 256),
-            ]:
+            # Each round in the other order, so that no contender always follows the same one.
+            for name, kind, batch in contenders if round_ % 2 == 0 else contenders[::-1]:
                 timer = work / f"{kind}-{batch}.jsonl"
                 script = ["--data_dir", str(data_dir), "--timer", str(timer)]
                 if kind == "tutorial":
@@ -92,17 +95,22 @@ def measure_epochs(data_dir: Path, rounds: int, epochs: int) -> dict[str, list[f
                     run([sys.executable, str(script_file), *script, *sizes], cwd=work)
                 else:
                     sizes = ["--data.batch_size", str(batch), "--trainer.max_epochs", str(epochs)]
-                    template_fit(data_dir, work, timer, sizes)
-                times.setdefault(f"{name}|{batch}", []).extend(epoch_times(timer))
+                    compiled = ["--model.compile", "true"] if kind == "compiled" else []
+                    template_fit(data_dir, work, timer, [*sizes, *compiled])
+                # The first epoch of a run pays for warming up (and compiling): it is left out.
+                measured = epoch_times(timer) if kind == "tutorial" else epoch_times(timer)[1:]
+                times.setdefault(f"{name}|{batch}", []).extend(measured)
                 print(f"round {round_ + 1}/{rounds}: {name} at batch {batch}: {epoch_times(timer)}", flush=True)
     return times
 
 
-def measure_preset(data_dir: Path, preset: str) -> dict[str, float]:
+def measure_preset(data_dir: Path, preset: str, seed: int | None) -> dict[str, float]:
+    """A preset's whole `fit` and its test accuracy; with a seed, the global one and the split's both set to it."""
+    seeds = [] if seed is None else ["--seed_everything", str(seed), "--data.init_args.seed", str(seed)]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         timer = work / "epochs.jsonl"
-        seconds, _ = template_fit(data_dir, work, timer, ["--config", str(ROOT / "configs" / f"{preset}.yaml")])
+        seconds, _ = template_fit(data_dir, work, timer, ["--config", str(ROOT / "configs" / f"{preset}.yaml"), *seeds])
         return {
             "fit": seconds,
             "epochs": len(epoch_times(timer)),
@@ -122,16 +130,20 @@ def table(times: dict[str, list[float]], presets: dict[str, dict[str, float]], p
         "| contender | batch | epoch (s), median | vs plain loop, same batch | epochs measured |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    keys = ["tutorial|32", "plain loop|32", "bare Lightning|32", "template|32"]
-    for key in [*keys, "plain loop|256", "bare Lightning|256", "template|256"]:
+    lines[2] = "| contender | batch | epoch (s), median | vs plain loop | vs bare Lightning | epochs measured |"
+    lines[3] = "| --- | ---: | ---: | ---: | ---: | ---: |"
+    for key in times:
         name, batch = key.split("|")
-        ratio = median(key) / median(f"plain loop|{batch}")
-        lines.append(f"| {name} | {batch} | {median(key):.2f} | {ratio:.2f} × | {len(times[key])} |")
+        plain = median(key) / median(f"plain loop|{batch}")
+        bare = median(key) / median(f"bare Lightning|{batch}")
+        lines.append(f"| {name} | {batch} | {median(key):.2f} | {plain:.2f} × | {bare:.2f} × | {len(times[key])} |")
     lines += ["", f"Peak memory of a `fit` with config.yaml: {peak_mb:.0f} MB."]
     if presets:
-        lines += ["", "| preset | epochs | whole `fit` command (s) | test accuracy |", "| --- | ---: | ---: | ---: |"]
-        for name, p in presets.items():
-            lines.append(f"| configs/{name}.yaml | {p['epochs']} | {p['fit']:.1f} | {100 * p['acc']:.2f} % |")
+        lines += ["", "| preset | seed | epochs | whole `fit` command (s) | test accuracy |",
+                  "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for key, p in presets.items():
+            name, seed = key.split("|")
+            lines.append(f"| configs/{name}.yaml | {seed} | {p['epochs']} | {p['fit']:.1f} | {100 * p['acc']:.2f} % |")
     return "\n".join(lines) + "\n"
 
 
@@ -141,6 +153,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over all contenders")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run of the plain loop and the template")
     parser.add_argument("--presets", nargs="*", default=None, help="also time configs/NAME.yaml (default: all)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="run each preset with these seeds")
+    parser.add_argument("--compile", action="store_true", help="also time the template with --model.compile true")
     parser.add_argument("--output", type=Path, default=HERE / "results.md")
     args = parser.parse_args()
     data_dir = args.data_dir.resolve()
@@ -151,13 +165,15 @@ def main() -> None:
             "Get it with: python main.py fit --config config.yaml --trainer.max_epochs 0 (downloads it), "
             "or copy the four uncompressed IDX files there."
         )
-    times = measure_epochs(data_dir, args.rounds, args.epochs)
+    times = measure_epochs(data_dir, args.rounds, args.epochs, args.compile)
     peak_mb = template_peak_memory(data_dir)
     presets = {}
     if args.presets is not None:
         for name in args.presets or sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")):
-            presets[name] = measure_preset(data_dir, name)
-            print(f"preset {name}: {presets[name]}", flush=True)
+            for seed in args.seeds or [None]:
+                key = f"{name}|{'shipped' if seed is None else seed}"
+                presets[key] = measure_preset(data_dir, name, seed)
+                print(f"preset {key}: {presets[key]}", flush=True)
     result = table(times, presets, peak_mb)
     args.output.write_text(result)
     print(result)

@@ -1,0 +1,142 @@
+"""Load on `python -m mnist.serve` from localhost: requests/s and latency at 1, 8 and 64 concurrent clients.
+
+    python benchmarks/serve_load.py --ckpt_path best          # batching on and off, side by side
+
+Each setting starts its own server (dynamic batching on: --max_batch_size 32; off: 1), warms it up, then each
+client sends its share of --requests requests back to back, a 28 x 28 digit as JSON pixels, over a kept-alive
+connection. The settings alternate over --rounds; a failed request stops the benchmark. Prints a markdown table
+and writes it to --output.
+"""
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"batching on": ["--max_batch_size", "32"], "batching off": ["--max_batch_size", "1"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(ckpt_path: str, extra: list[str]) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "mnist.serve", "--ckpt_path", ckpt_path, "--port", str(port), *extra]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"the server stopped: {process.stderr.read()}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return process, port
+        except OSError:
+            time.sleep(0.5)
+    sys.exit("the server did not come up in 120 s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def client(port: int, count: int, body: bytes, latencies: list[float], failures: list[str]) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": "application/json"}
+    for _ in range(count):
+        start = time.perf_counter()
+        try:
+            connection.request("POST", "/predict", body, headers)
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                failures.append(f"HTTP {response.status}")
+        except OSError as err:
+            failures.append(repr(err))
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        latencies.append(time.perf_counter() - start)
+
+
+def load(port: int, clients: int, requests: int, body: bytes) -> dict[str, float]:
+    latencies: list[float] = []
+    failures: list[str] = []
+    share = [requests // clients + (k < requests % clients) for k in range(clients)]
+    threads = [threading.Thread(target=client, args=(port, n, body, latencies, failures)) for n in share]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    if failures:
+        sys.exit(f"{len(failures)} of {requests} requests failed at {clients} clients, e.g. {failures[0]}")
+    latencies.sort()
+    return {
+        "rps": requests / seconds,
+        "p50": 1000 * statistics.median(latencies),
+        "p99": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt_path", required=True, help="what mnist.serve serves: best, last or a path")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per measurement")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the settings")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "serve_results.md")
+    args = parser.parse_args()
+    body = json.dumps({"pixels": [[0.0] * 12 + [1.0] * 4 + [0.0] * 12 for _ in range(28)]}).encode()
+    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for round_ in range(args.rounds):
+        for name, extra in SETTINGS.items() if round_ % 2 == 0 else reversed(SETTINGS.items()):
+            process, port = start(args.ckpt_path, extra)
+            try:
+                load(port, 8, 200, body)  # warm-up
+                for clients in args.clients:
+                    result = load(port, clients, args.requests, body)
+                    results.setdefault((name, clients), []).append(result)
+                    print(f"round {round_ + 1}: {name}, {clients} clients: {result}", flush=True)
+            finally:
+                stop(process)
+    lines = [
+        f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} CPU cores, PyTorch "
+        f"{torch.__version__}; client and server on the same machine; {args.requests} requests per measurement, "
+        f"median over {args.rounds} rounds.",
+        "",
+        "| setting | clients | requests/s | p50 latency (ms) | p99 latency (ms) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for (name, clients), runs in results.items():
+        rps, p50, p99 = (statistics.median(r[key] for r in runs) for key in ("rps", "p50", "p99"))
+        lines.append(f"| {name} | {clients} | {rps:.0f} | {p50:.1f} | {p99:.1f} |")
+    table = "\n".join(lines) + "\n"
+    args.output.write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Serve a checkpoint with LitServe: a JSON prediction API and a page to draw digits on.
+
+python -m mnist.serve --ckpt_path best [--host 127.0.0.1] [--port 8000]
+
+POST /predict  {"image": "<base64 PNG/JPEG/BMP>"} or {"pixels": [[28 floats in [0, 1]] x 28]}
+               -> {"prediction", "confidence", "probabilities", "class_name"}
+GET  /         the drawing page          GET /health   "ok" once the model is loaded
+
+Needs the optional ``requirements-serve.txt``.
+"""
+
+import argparse
+import base64
+import binascii
+import io
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from mnist import runs
+from mnist.errors import UserError, exit_with_message
+from mnist.images import to_mnist
+from mnist.model import MNISTClassifier
+
+try:
+    import litserve as ls
+    from fastapi import HTTPException
+    from fastapi.responses import HTMLResponse
+except ImportError as err:  # serving is optional
+    exit_with_message(UserError(f"{err.name} is not installed: pip install -r requirements-serve.txt"))
+
+MAX_BODY = 5 * 1024 * 1024  # bytes of a request body; a 280 x 280 drawing as PNG is ~10 kB
+MAX_IMAGE_SIDE = 4096  # pixels; PIL decodes lazily, so a small file cannot claim a huge image unchecked
+PAGE = Path(__file__).with_name("draw.html")
+
+
+def bad_request(message: str) -> HTTPException:
+    return HTTPException(status_code=400, detail=message)
+
+
+def decode_image(data) -> torch.Tensor:
+    """A base64 image of any size and polarity, prepared as ``--data.predict_path`` prepares files."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, str):
+        raise bad_request("'image' must be a base64 string")
+    if data.startswith("data:"):  # a data URL, as a browser's canvas gives it
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request("'image' is not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        if max(image.size) > MAX_IMAGE_SIDE:
+            raise bad_request(f"the image is {image.size[0]} x {image.size[1]}; at most {MAX_IMAGE_SIDE} a side")
+        if image.format not in ("PNG", "JPEG", "BMP"):
+            raise bad_request(f"'image' is {image.format}; send PNG, JPEG or BMP")
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise bad_request("'image' is not a PNG, JPEG or BMP image") from None
+    return to_mnist(image)
+
+
+def decode_pixels(data) -> torch.Tensor:
+    """28 rows of 28 numbers in [0, 1], ink bright, as MNIST images are."""
+    if not isinstance(data, list) or len(data) != 28 or any(not isinstance(r, list) or len(r) != 28 for r in data):
+        raise bad_request("'pixels' must be 28 rows of 28 numbers")
+    if any(not isinstance(v, int | float) or isinstance(v, bool) for row in data for v in row):
+        raise bad_request("'pixels' must hold numbers only")
+    if any(not (math.isfinite(v) and 0 <= v <= 1) for row in data for v in row):
+        raise bad_request("'pixels' must lie in [0, 1]")
+    return torch.tensor(data, dtype=torch.float32).unsqueeze(0)  # (28, 28) -> (1, 28, 28)
+
+
+class DigitAPI(ls.LitAPI):
+    """The checkpoint's classifier behind LitServe: requests are decoded one by one and predicted in batches."""
+
+    def __init__(self, ckpt_path: Path, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.ckpt_path = ckpt_path
+
+    def setup(self, device: str) -> None:
+        self.model = MNISTClassifier.load_from_checkpoint(self.ckpt_path, map_location=device, weights_only=True)
+        self.model.eval()
+        self.device_name = device
+
+    def decode_request(self, request: dict) -> torch.Tensor:
+        if not isinstance(request, dict):
+            raise bad_request("the body must be a JSON object with 'image' or 'pixels'")
+        if ("image" in request) == ("pixels" in request):
+            raise bad_request("send exactly one of 'image' (base64 PNG/JPEG/BMP) and 'pixels' (28 x 28 in [0, 1])")
+        return decode_image(request["image"]) if "image" in request else decode_pixels(request["pixels"])
+
+    def batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(inputs)  # B x (1, 28, 28) -> (B, 1, 28, 28)
+
+    def predict(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(pixels.to(self.device_name)).softmax(dim=-1).cpu()
+
+    def unbatch(self, output: torch.Tensor) -> list[torch.Tensor]:
+        return list(output)
+
+    def encode_response(self, probabilities: torch.Tensor) -> dict:
+        if probabilities.dim() == 2:  # unbatched: one request, one row
+            probabilities = probabilities[0]
+        confidence, prediction = probabilities.max(dim=0)
+        return {
+            "prediction": int(prediction),
+            "confidence": float(confidence),
+            "probabilities": [round(float(p), 6) for p in probabilities],
+            "class_name": self.model.class_names[int(prediction)],
+        }
+
+
+def resolve(ckpt_path: str, root: Path) -> tuple[Path, list[str]]:
+    """The checkpoint to serve, checked, and its class names."""
+    if ckpt_path in ("best", "last"):
+        ckpt_dir = runs.newest_checkpoint_dir([root])
+        path = runs.best_checkpoint(ckpt_dir) if ckpt_path == "best" else runs.last_checkpoint(ckpt_dir)
+    else:
+        path = Path(ckpt_path)
+    checkpoint = runs.check_checkpoint(path)
+    hyper = checkpoint.get("hyper_parameters", {})
+    if tuple(hyper.get("image_shape") or ()) != (1, 28, 28):
+        raise UserError(f"{path} is not a checkpoint of this project's 28 x 28 digit classifier")
+    names = hyper.get("class_names") or [str(k) for k in range(hyper.get("num_classes", 10))]
+    return path, [str(name) for name in names]
+
+
+def build_server(
+    ckpt_path: Path, class_names: list[str], max_batch_size: int, batch_timeout: float, workers: int, accelerator: str
+):
+    api = DigitAPI(ckpt_path, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    server = ls.LitServer(
+        api,
+        accelerator=accelerator,
+        workers_per_device=workers,
+        max_payload_size=MAX_BODY,
+        timeout=30,
+        # GET /info: the page labels its bars with these.
+        model_metadata={"checkpoint": str(ckpt_path), "class_names": class_names},
+    )
+    page = PAGE.read_text()
+    # The drawing page, in place of LitServe's "litserve running": one self-contained file, nothing fetched from
+    # elsewhere. (Starlette's route list is public; LitServe has no option for its root page.)
+    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
+    server.app.add_api_route("/", lambda: HTMLResponse(page), methods=["GET"], include_in_schema=False)
+    return server
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mnist.serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt_path", required=True, help="best, last (of the newest run under --root) or a path")
+    parser.add_argument("--root", type=Path, default=Path("logs"), help="where best/last look for runs")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max_batch_size", type=int, default=32, help="dynamic batching: requests per forward")
+    parser.add_argument("--batch_timeout", type=float, default=0.002, help="seconds to wait to fill a batch")
+    parser.add_argument("--workers", type=int, default=1, help="model processes per device")
+    parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.max_batch_size < 1 or args.batch_timeout < 0 or args.workers < 1:
+            raise UserError("--max_batch_size and --workers must be at least 1, --batch_timeout at least 0")
+        path, names = resolve(args.ckpt_path, args.root)
+        server = build_server(path, names, args.max_batch_size, args.batch_timeout, args.workers, args.accelerator)
+    except UserError as err:
+        exit_with_message(err)
+    host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
+    print(f"Serving {path}: open http://{host}:{args.port}/ (API: POST /predict)", file=sys.stderr, flush=True)
+    server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
