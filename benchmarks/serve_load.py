@@ -1,6 +1,7 @@
 """Load on `python -m mnist.serve` from localhost: requests/s and latency at 1, 8 and 64 concurrent clients.
 
     python benchmarks/serve_load.py --ckpt_path best          # batching on and off, side by side
+    python benchmarks/serve_load.py --ckpt_path mlp.ckpt cnn.ckpt   # several checkpoints, one table
 
 Each setting starts its own server (dynamic batching on: --max_batch_size 32; off: 1), warms it up, then each
 client sends its share of --requests requests back to back, a 28 x 28 digit as JSON pixels, over a kept-alive
@@ -101,38 +102,53 @@ def load(port: int, clients: int, requests: int, body: bytes) -> dict[str, float
     }
 
 
+def network_of(ckpt: str) -> str:
+    """The served network's class, as the checkpoint names it (best/last: of the newest run under logs/)."""
+    sys.path.insert(0, str(ROOT))
+    from mnist import runs
+
+    path = Path(ckpt)
+    if ckpt in ("best", "last"):
+        folder = runs.newest_checkpoint_dir([Path("logs")])
+        path = runs.best_checkpoint(folder) if ckpt == "best" else runs.last_checkpoint(folder)
+    network = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"].get("network") or {}
+    return str(network.get("class_path", "mnist.networks.MLP")).rsplit(".", 1)[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_path", required=True, help="what mnist.serve serves: best, last or a path")
+    parser.add_argument("--ckpt_path", nargs="+", required=True, help="what mnist.serve serves: best, last, paths")
     parser.add_argument("--requests", type=int, default=2000, help="requests per measurement")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the settings")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "serve_results.md")
     args = parser.parse_args()
     body = json.dumps({"pixels": [[0.0] * 12 + [1.0] * 4 + [0.0] * 12 for _ in range(28)]}).encode()
-    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    results: dict[tuple[str, str, int], list[dict[str, float]]] = {}
     for round_ in range(args.rounds):
-        for name, extra in SETTINGS.items() if round_ % 2 == 0 else reversed(SETTINGS.items()):
-            process, port = start(args.ckpt_path, extra)
-            try:
-                load(port, 8, 200, body)  # warm-up
-                for clients in args.clients:
-                    result = load(port, clients, args.requests, body)
-                    results.setdefault((name, clients), []).append(result)
-                    print(f"round {round_ + 1}: {name}, {clients} clients: {result}", flush=True)
-            finally:
-                stop(process)
+        for ckpt in args.ckpt_path:
+            network = network_of(ckpt)
+            for name, extra in SETTINGS.items() if round_ % 2 == 0 else reversed(SETTINGS.items()):
+                process, port = start(ckpt, extra)
+                try:
+                    load(port, 8, 200, body)  # warm-up
+                    for clients in args.clients:
+                        result = load(port, clients, args.requests, body)
+                        results.setdefault((network, name, clients), []).append(result)
+                        print(f"round {round_ + 1}: {network}, {name}, {clients} clients: {result}", flush=True)
+                finally:
+                    stop(process)
     lines = [
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} CPU cores, PyTorch "
         f"{torch.__version__}; client and server on the same machine; {args.requests} requests per measurement, "
         f"median over {args.rounds} rounds.",
         "",
-        "| setting | clients | requests/s | p50 latency (ms) | p99 latency (ms) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| network | setting | clients | requests/s | p50 latency (ms) | p99 latency (ms) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    for (name, clients), runs in results.items():
+    for (network, name, clients), runs in sorted(results.items()):
         rps, p50, p99 = (statistics.median(r[key] for r in runs) for key in ("rps", "p50", "p99"))
-        lines.append(f"| {name} | {clients} | {rps:.0f} | {p50:.1f} | {p99:.1f} |")
+        lines.append(f"| {network} | {name} | {clients} | {rps:.0f} | {p50:.1f} | {p99:.1f} |")
     table = "\n".join(lines) + "\n"
     args.output.write_text(table)
     print(table)
