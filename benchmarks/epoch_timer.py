@@ -4,6 +4,7 @@ import json
 import time
 
 import pytorch_lightning as pl
+import torch
 
 
 class EpochTimer(pl.Callback):
@@ -21,12 +22,20 @@ class EpochTimer(pl.Callback):
         self.start = self.cpu_start = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _synchronize(pl_module)
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning runs the epoch's validation before this hook, so it is included.
+        _synchronize(pl_module)
         seconds, cpu_seconds = time.perf_counter() - self.start, time.process_time() - self.cpu_start
         if trainer.is_global_zero:
             with open(self.path, "a") as f:
                 record = {"epoch": trainer.current_epoch, "seconds": seconds, "cpu_seconds": cpu_seconds}
                 f.write(json.dumps(record) + "\n")
+
+
+def _synchronize(pl_module: pl.LightningModule) -> None:
+    # A GPU runs behind the host: wait for it, or the time measured is only the time to queue the work.
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)

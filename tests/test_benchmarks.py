@@ -1,0 +1,25 @@
+"""The benchmark's contenders still run: the plain loop and bare Lightning, one short epoch on synthetic data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("script", ["plain_loop.py", "bare_lightning.py"])
+def test_benchmark_contender_runs_and_records_its_epochs(tmp_path, mnist_dir, script):
+    timer = tmp_path / "times.jsonl"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--data_dir", str(mnist_dir), "--batch_size", "64",
+         "--epochs", "2", "--timer", str(timer)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in timer.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(r["seconds"] > 0 and r["cpu_seconds"] > 0 for r in records)
