@@ -183,3 +183,74 @@ def test_an_unfit_checkpoint_is_one_error_line_at_start(tmp_path, what):
     assert process.returncode != 0
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0], err
+
+
+def test_drawing_on_the_page_in_a_headless_browser_shows_an_answer(server, tmp_path):
+    """A real Chromium draws a stroke with the mouse (DevTools protocol); the page asks the server and shows bars."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine")
+    sync_client = pytest.importorskip("websockets.sync.client")
+    port = free_port()
+    chrome = subprocess.Popen(
+        [browser, "--headless=new", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
+         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=800,900", server["url"] + "/"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        page = None
+        while page is None and time.monotonic() < deadline:
+            try:
+                targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=5))
+                page = next((t for t in targets if t.get("type") == "page" and server["url"] in t["url"]), None)
+            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+                pass
+            time.sleep(0.3)
+        assert page is not None, "Chromium did not open the page"
+        with sync_client.connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
+            counter = iter(range(1, 10_000))
+
+            def send(method: str, **params):
+                number = next(counter)
+                ws.send(json.dumps({"id": number, "method": method, "params": params}))
+                while True:
+                    message = json.loads(ws.recv(timeout=30))
+                    if message.get("id") == number:
+                        return message.get("result", {})
+
+            def evaluate(expression: str):
+                return send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+            deadline = time.monotonic() + 30  # the tab starts as about:blank, then loads the page
+            while not evaluate("document.readyState === 'complete' && !!document.getElementById('pad')"):
+                assert time.monotonic() < deadline, "the page did not load"
+                time.sleep(0.1)
+            left, top, width, height = evaluate(
+                "(() => { const r = document.getElementById('pad').getBoundingClientRect();"
+                " return [r.left, r.top, r.width, r.height]; })()"
+            )
+            x = left + width / 2
+            send("Input.dispatchMouseEvent", type="mousePressed", x=x, y=top + 0.2 * height, button="left",
+                 clickCount=1)  # fmt: skip
+            for k in range(1, 13):
+                y = top + (0.2 + 0.6 * k / 12) * height
+                send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y, button="left", buttons=1)
+            send("Input.dispatchMouseEvent", type="mouseReleased", x=x, y=top + 0.8 * height, button="left",
+                 clickCount=1)  # fmt: skip
+            answer = ""
+            deadline = time.monotonic() + 20
+            while not answer[:1].isdigit() and time.monotonic() < deadline:
+                time.sleep(0.2)
+                answer = evaluate("document.getElementById('answer').textContent") or ""
+            error = evaluate("document.getElementById('error').textContent")
+            assert answer[:1].isdigit(), f"no answer shown: {answer!r}, error: {error!r}"
+            assert evaluate("document.querySelectorAll('#bars li').length") == 10
+            assert evaluate("document.querySelectorAll('#bars li.top').length") == 1
+            shown = evaluate("document.querySelector('#bars li.top span').textContent")
+            assert shown == server["model"].class_names[int(answer[0])]
+    finally:
+        os.killpg(chrome.pid, signal.SIGKILL)
+        chrome.wait()
