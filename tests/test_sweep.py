@@ -29,7 +29,7 @@ def base(tmp_path, mnist_dir) -> list[str]:
     space.write_text(yaml.safe_dump(SPACE))
     return ["--config", str(CONFIG), "--space", str(space), "--data.data_dir", str(mnist_dir),
             "--data.val_size", "100", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "5",
-            "--heartbeat", "1"]  # fmt: skip
+            "--heartbeat", "2"]  # fmt: skip
 
 
 def sweep(args: list[str], cwd: Path, wait: bool = True):
@@ -91,7 +91,7 @@ def test_resumes_after_kill_9_without_losing_or_repeating_trials(tmp_path, base)
     first.communicate()
     done = {t.number: (t.value, t.datetime_complete) for t in study(tmp_path).trials if t.state.name == "COMPLETE"}
     assert done, "no trial completed before the kill"
-    time.sleep(3)  # past the heartbeat's grace period (3 x 1 s): the killed trial is seen as dead
+    time.sleep(7)  # past the heartbeat's grace period (3 x 2 s): the killed trial is seen as dead
     again = sweep(args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     trials = study(tmp_path).trials
