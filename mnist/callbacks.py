@@ -19,7 +19,8 @@ class ResumableCheckpoint(pl.Callback):
     """Saves ``checkpoints/last.ckpt`` every N training steps and when the process is asked to stop.
 
     Ctrl-C (SIGINT) or SIGTERM (sent by schedulers such as SLURM before they kill a job) lets the current step
-    finish, saves the checkpoint and ends the command; ``fit --ckpt_path last`` then continues at the next batch.
+    finish (with several processes: the step where they next agree, within ``log_every_n_steps`` steps), saves the
+    checkpoint and ends the command; ``fit --ckpt_path last`` then continues at the next batch.
     A second Ctrl-C quits at once.
 
     Args:
@@ -65,8 +66,14 @@ class ResumableCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         stop = self.signum is not None
         if trainer.world_size > 1:
-            # Every process must take the same decision, or the ones that stop leave the others waiting.
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            # Every process must take the same decision, or the ones that stop leave the others waiting. Agreeing
+            # is a collective, a wait for the device on GPUs: done every log_every_n_steps steps and at the
+            # epoch's last batch (the same steps on every process), not at every step.
+            last_batch = batch_idx + 1 >= trainer.num_training_batches
+            if trainer.global_step % trainer.log_every_n_steps == 0 or last_batch:
+                stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            else:
+                stop = False
         every = self.every_n_train_steps
         path = None
         if stop or (every and trainer.global_step % every == 0):
