@@ -54,6 +54,7 @@ def main() -> None:
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        precision=args.precision,
         callbacks=[EpochTimer(args.timer)],
     )
     trainer.fit(Bare(), train, val)

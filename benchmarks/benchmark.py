@@ -3,6 +3,7 @@
     python benchmarks/benchmark.py --data_dir data                # epoch times, about 10 minutes
     python benchmarks/benchmark.py --data_dir data --presets fast cnn --seeds 0 1 2   # plus the presets' accuracy
     python benchmarks/benchmark.py --data_dir data --compile      # plus the template with --model.compile true
+    python benchmarks/benchmark.py --data_dir data --compile --precision bf16-mixed   # on a GPU: mixed precision
 
 Contenders run in turn, in separate processes, alternating over --rounds so that the shared machine's slow spells
 hit all of them alike. An epoch is training plus validation. It prints a markdown table and writes it to --output.
@@ -69,7 +70,7 @@ def template_peak_memory(data_dir: Path) -> float:
     return int(output.split()[-1]) / 1024
 
 
-def measure_epochs(data_dir: Path, rounds: int, epochs: int, compile_: bool) -> dict[str, list[float]]:
+def measure_epochs(data_dir: Path, rounds: int, epochs: int, compile_: bool, precision: str) -> dict[str, list[float]]:
     contenders = [("tutorial", "tutorial", 32)]
     for batch in (32, 256):
         contenders += [
@@ -92,11 +93,11 @@ def measure_epochs(data_dir: Path, rounds: int, epochs: int, compile_: bool) -> 
                 elif kind in ("plain", "bare"):
                     sizes = ["--batch_size", str(batch), "--epochs", str(epochs)]
                     script_file = HERE / ("plain_loop.py" if kind == "plain" else "bare_lightning.py")
-                    run([sys.executable, str(script_file), *script, *sizes], cwd=work)
+                    run([sys.executable, str(script_file), *script, *sizes, "--precision", precision], cwd=work)
                 else:
                     sizes = ["--data.batch_size", str(batch), "--trainer.max_epochs", str(epochs)]
                     compiled = ["--model.compile", "true"] if kind == "compiled" else []
-                    template_fit(data_dir, work, timer, [*sizes, *compiled])
+                    template_fit(data_dir, work, timer, [*sizes, *compiled, "--trainer.precision", precision])
                 # The first epoch of a run pays for warming up (and compiling): it is left out.
                 measured = epoch_times(timer) if kind == "tutorial" else epoch_times(timer)[1:]
                 times.setdefault(f"{name}|{batch}", []).extend(measured)
@@ -118,14 +119,20 @@ def measure_preset(data_dir: Path, preset: str, seed: int | None) -> dict[str, f
         }
 
 
-def table(times: dict[str, list[float]], presets: dict[str, dict[str, float]], peak_mb: float) -> str:
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+
+
+def table(
+    times: dict[str, list[float]], presets: dict[str, dict[str, float]], peak_mb: float, precision: str = "32-true"
+) -> str:
     def median(key: str) -> float:
         return statistics.median(times[key])
 
     lines = [
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"PyTorch {torch.__version__}, Python {platform.python_version()}; real MNIST, training + validation per "
-        "epoch, median over all measured epochs.",
+        f"PyTorch {torch.__version__}, Python {platform.python_version()}, {device_name()}, precision {precision}; "
+        "real MNIST, training + validation per epoch, median over all measured epochs.",
         "",
         "| contender | batch | epoch (s), median | vs plain loop, same batch | epochs measured |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -155,6 +162,12 @@ def main() -> None:
     parser.add_argument("--presets", nargs="*", default=None, help="also time configs/NAME.yaml (default: all)")
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="run each preset with these seeds")
     parser.add_argument("--compile", action="store_true", help="also time the template with --model.compile true")
+    parser.add_argument(
+        "--precision",
+        default="32-true",
+        choices=["32-true", "bf16-mixed"],
+        help="precision of the plain loop, bare Lightning and the template (not the tutorial)",
+    )
     parser.add_argument("--output", type=Path, default=HERE / "results.md")
     args = parser.parse_args()
     data_dir = args.data_dir.resolve()
@@ -165,7 +178,7 @@ def main() -> None:
             "Get it with: python main.py fit --config config.yaml --trainer.max_epochs 0 (downloads it), "
             "or copy the four uncompressed IDX files there."
         )
-    times = measure_epochs(data_dir, args.rounds, args.epochs, args.compile)
+    times = measure_epochs(data_dir, args.rounds, args.epochs, args.compile, args.precision)
     peak_mb = template_peak_memory(data_dir)
     presets = {}
     if args.presets is not None:
@@ -174,7 +187,7 @@ def main() -> None:
                 key = f"{name}|{'shipped' if seed is None else seed}"
                 presets[key] = measure_preset(data_dir, name, seed)
                 print(f"preset {key}: {presets[key]}", flush=True)
-    result = table(times, presets, peak_mb)
+    result = table(times, presets, peak_mb, args.precision)
     args.output.write_text(result)
     print(result)
 

@@ -24,6 +24,12 @@ def arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--timer", required=True)
+    parser.add_argument(
+        "--precision",
+        default="32-true",
+        choices=["32-true", "bf16-mixed"],
+        help="bf16-mixed: the forward pass under bf16 autocast, as Lightning's precision plugin does",
+    )
     return parser.parse_args()
 
 
@@ -51,7 +57,8 @@ def main() -> None:
         start, cpu_start = time.perf_counter(), time.process_time()
         model.train()
         for index in torch.randperm(len(train_y), device=device).split(bs):
-            loss = F.cross_entropy(model(train_x[index]), train_y[index])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
+                loss = F.cross_entropy(model(train_x[index]), train_y[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
