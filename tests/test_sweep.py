@@ -84,9 +84,13 @@ def test_resumes_after_kill_9_without_losing_or_repeating_trials(tmp_path, base)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        db = tmp_path / "logs" / "sweeps" / "space" / "study.db"
-        if db.exists() and any(t.state.name == "COMPLETE" for t in study(tmp_path).trials):
-            break
+        if not (tmp_path / "logs" / "sweeps" / "space" / "study.db").exists():
+            continue
+        try:
+            if any(t.state.name == "COMPLETE" for t in study(tmp_path).trials):
+                break
+        except KeyError:  # the storage is there, the study not yet
+            continue
     first.send_signal(signal.SIGKILL)
     first.communicate()
     done = {t.number: (t.value, t.datetime_complete) for t in study(tmp_path).trials if t.state.name == "COMPLETE"}
