@@ -107,10 +107,7 @@ def network_of(ckpt: str) -> str:
     sys.path.insert(0, str(ROOT))
     from mnist import runs
 
-    path = Path(ckpt)
-    if ckpt in ("best", "last"):
-        folder = runs.newest_checkpoint_dir([Path("logs")])
-        path = runs.best_checkpoint(folder) if ckpt == "best" else runs.last_checkpoint(folder)
+    path = runs.find_checkpoint(ckpt, [Path("logs")])
     network = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"].get("network") or {}
     return str(network.get("class_path", "mnist.networks.MLP")).rsplit(".", 1)[-1]
 

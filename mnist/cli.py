@@ -111,8 +111,8 @@ class MNISTCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 42)
         # Any data module: --data mnist.data.FashionMNISTDataModule, or one of your own.
         kwargs.setdefault("subclass_mode_data", True)
-        self.resumed_from: tuple[Path, int, int] | None = None
-        self._print_summary = False  # a checkpoint's path, epoch and step, with --ckpt_path
+        self.resumed_from: tuple[Path, int, int] | None = None  # a checkpoint's path, epoch and step, with --ckpt_path
+        self._print_summary = False  # set by instantiate_trainer: the summary is printed before fit, not by a callback
         super().__init__(MNISTClassifier, MNISTDataModule, args=args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -173,12 +173,9 @@ class MNISTCLI(LightningCLI):
         _continue_run_of(path, config)
 
     def _resolve_checkpoint(self, ckpt_path: str, config: Namespace) -> Path:
-        if ckpt_path not in ("best", "last"):
-            return Path(ckpt_path)
-        roots = _checkpoint_roots(config)
-        ckpt_dir = runs.newest_checkpoint_dir(roots)
-        path = runs.best_checkpoint(ckpt_dir) if ckpt_path == "best" else runs.last_checkpoint(ckpt_dir)
-        print(f"Using the {ckpt_path} checkpoint of {ckpt_dir.parent}: {path}", file=sys.stderr)
+        path = runs.find_checkpoint(ckpt_path, _checkpoint_roots(config))
+        if ckpt_path in ("best", "last"):
+            print(f"Using the {ckpt_path} checkpoint of {path.parent.parent}: {path}", file=sys.stderr)
         return path
 
     def before_instantiate_classes(self) -> None:

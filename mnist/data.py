@@ -19,10 +19,10 @@ from mnist.errors import UserError
 from mnist.images import image_files, load_digits
 from mnist.loader import BatchLoader, EpochSampler
 
-# name: (IDX type code and number of dimensions, shape of one item)
 # Splits kept by data modules with `keep_loaded`: (class, folder, train) -> (images, labels).
 _LOADED: dict[tuple[type, str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
+# name: (IDX type code and number of dimensions, shape of one item)
 IDX_FILES = {
     "train-images-idx3-ubyte": (0x0803, (28, 28)),
     "train-labels-idx1-ubyte": (0x0801, ()),

@@ -36,6 +36,14 @@ def newest_checkpoint_dir(roots: list[Path]) -> Path:
     return max(dirs, key=lambda d: max(p.stat().st_mtime for p in d.glob("*.ckpt")))
 
 
+def find_checkpoint(ckpt_path: str, roots: list[Path]) -> Path:
+    """``best`` or ``last`` of the newest run under ``roots``, or any other value as a path."""
+    if ckpt_path not in ("best", "last"):
+        return Path(ckpt_path)
+    ckpt_dir = newest_checkpoint_dir(roots)
+    return best_checkpoint(ckpt_dir) if ckpt_path == "best" else last_checkpoint(ckpt_dir)
+
+
 def last_checkpoint(ckpt_dir: Path) -> Path:
     last = ckpt_dir / "last.ckpt"
     if last.is_file():

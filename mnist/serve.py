@@ -128,11 +128,7 @@ class DigitAPI(ls.LitAPI):
 
 def resolve(ckpt_path: str, root: Path) -> tuple[Path, list[str]]:
     """The checkpoint to serve, checked, and its class names."""
-    if ckpt_path in ("best", "last"):
-        ckpt_dir = runs.newest_checkpoint_dir([root])
-        path = runs.best_checkpoint(ckpt_dir) if ckpt_path == "best" else runs.last_checkpoint(ckpt_dir)
-    else:
-        path = Path(ckpt_path)
+    path = runs.find_checkpoint(ckpt_path, [root])
     checkpoint = runs.check_checkpoint(path)
     hyper = checkpoint.get("hyper_parameters", {})
     if tuple(hyper.get("image_shape") or ()) != (1, 28, 28):

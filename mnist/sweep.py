@@ -180,8 +180,8 @@ class TrialCLI(MNISTCLI):
 class Sweep:
     """One worker of a study: runs trials until the study holds ``trials`` finished ones."""
 
-    def __init__(self, opts: argparse.Namespace, extra: list[str], space: dict) -> None:
-        self.opts, self.extra, self.space = opts, extra, space
+    def __init__(self, opts: argparse.Namespace, space: dict) -> None:
+        self.opts, self.space = opts, space
         self.dir = Path(opts.sweep_dir)
         self.base = [arg for config in opts.config for arg in ("--config", config)]
 
@@ -190,7 +190,7 @@ class Sweep:
         logger = ["--trainer.logger", "mnist.logger.StageTensorBoardLogger", "--trainer.logger.save_dir",
                   str(self.dir), "--trainer.logger.name", "trials",
                   "--trainer.logger.version", f"trial_{number:04d}"]  # fmt: skip
-        return ["fit", *self.base, *QUIET_TRIAL, *self.extra, *overrides(params), *logger]
+        return ["fit", *self.base, *QUIET_TRIAL, *self.opts.extra, *overrides(params), *logger]
 
     def objective(self, trial: optuna.Trial) -> float:
         params = {key: suggest(trial, key, dist) for key, dist in self.space.items()}
@@ -355,7 +355,8 @@ def save_plots(study: optuna.Study, sweep_dir: Path, metric: str) -> list[Path]:
     return saved
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The sweep's own options; the rest, ``--KEY VALUE`` for every trial's fit, as ``extra``."""
     parser = argparse.ArgumentParser(
         prog="python -m mnist.sweep",
         description="Search hyperparameters with Optuna; every trial is `python main.py fit` of the configs plus "
@@ -376,26 +377,26 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seed", type=int, default=None, help="the sampler's seed")
     parser.add_argument("--heartbeat", type=int, default=20, help="seconds between a running trial's heartbeats")
     opts, extra = parser.parse_known_args(argv)
+    opts.extra = extra
     if opts.trials < 1:
         parser.error("--trials must be at least 1")
-    opts.extra = extra
     opts.study = opts.study or opts.space.stem
     opts.sweep_dir = opts.sweep_dir or str(Path("logs") / "sweeps" / opts.study)
-    return opts, extra
+    return opts
 
 
 def main(argv: list[str] | None = None) -> None:
-    opts, extra = parse(sys.argv[1:] if argv is None else argv)
+    opts = parse(sys.argv[1:] if argv is None else argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # this module says what happens, one line per trial
     # Heartbeats and the plots are marked experimental in Optuna; used as documented, the notices say nothing.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         space = read_space(opts.space)
-        sweep = Sweep(opts, extra, space)
+        sweep = Sweep(opts, space)
         # Lightning's per-trial notes (seed, devices) go nowhere; the trial's own console goes to its console.log.
         for name in ("pytorch_lightning", "lightning_fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        check_space([*sweep.base, *extra], space)
+        check_space([*sweep.base, *opts.extra], space)
         Path(opts.sweep_dir).mkdir(parents=True, exist_ok=True)
         study = open_study(opts)
         print(f"Study {opts.study!r} in {opts.storage or Path(opts.sweep_dir) / 'study.db'}; trials in "
