@@ -28,6 +28,7 @@ from mnist.errors import TrainingInterrupted, UserError, exit_with_message
 
 try:
     import optuna
+    import sqlalchemy  # Optuna's storage layer
 except ImportError as err:  # optuna is optional
     exit_with_message(UserError(f"{err.name} is not installed: pip install -r requirements-sweep.txt"))
 
@@ -250,6 +251,22 @@ class Sweep:
 
 def open_study(opts: argparse.Namespace) -> optuna.Study:
     storage_url = opts.storage or f"sqlite:///{Path(opts.sweep_dir) / 'study.db'}"
+    # Workers started together race to create the storage's tables and the study (SQLite says "already exists"
+    # or breaks a UNIQUE constraint): the loser finds the winner's on the next try. An unreachable storage fails
+    # the same way three times.
+    tries = 3
+    while True:
+        try:
+            return _open_study(opts, storage_url)
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            tries -= 1
+            if not tries:
+                cause = str(err).strip().splitlines()[0]
+                raise UserError(f"cannot open the study storage {storage_url}: {cause}") from err
+            time.sleep(1)
+
+
+def _open_study(opts: argparse.Namespace, storage_url: str) -> optuna.Study:
     engine = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {}
     try:
         # Heartbeats let a later run see a trial whose process died (kill -9, a lost machine) and fail it; its
@@ -275,6 +292,8 @@ def open_study(opts: argparse.Namespace) -> optuna.Study:
             pruner=pruner,
             load_if_exists=True,
         )
+    except sqlalchemy.exc.SQLAlchemyError:
+        raise  # perhaps a race with another worker: open_study tries again
     except ValueError as err:  # a study of that name with another direction
         raise UserError(f"study {opts.study!r}: {err}") from err
     except Exception as err:  # noqa: BLE001 - SQLAlchemy and driver errors have many types for one cause

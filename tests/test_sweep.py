@@ -194,3 +194,27 @@ def test_objective_metric_never_logged_is_named_after_the_first_trial(tmp_path, 
     line = one_error(capsys, in_process, [*base, "--trials", "3", "--metric", "val/accuracy"])
     assert "'val/accuracy' was never logged in trial 0" in line and "val/acc" in line
     assert states(study(tmp_path).trials) == ["FAIL"]
+
+
+@pytest.mark.slow
+def test_workers_started_together_all_open_the_new_study(tmp_path):
+    # They race to create the SQLite tables and the study; every one must end up with the same study.
+    code = (
+        "import sys; from pathlib import Path; from mnist.sweep import parse, open_study; "
+        "opts = parse(['--config', 'c.yaml', '--space', 'space.yaml', '--sweep_dir', sys.argv[1]]); "
+        "Path(opts.sweep_dir).mkdir(parents=True, exist_ok=True); print(open_study(opts).study_name)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for _ in range(6)
+    ]
+    outputs = [w.communicate(timeout=120) for w in workers]
+    assert [w.returncode for w in workers] == [0] * 6, [err for _, err in outputs]
+    assert {out.strip() for out, _ in outputs} == {"space"}
