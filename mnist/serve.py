@@ -15,6 +15,7 @@ import binascii
 import io
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,61 +27,97 @@ from mnist.model import MNISTClassifier
 
 try:
     import litserve as ls
-    from fastapi import HTTPException
-    from fastapi.responses import HTMLResponse
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from pydantic import BaseModel, model_validator
 except ImportError as err:  # serving is optional
     exit_with_message(UserError(f"{err.name} is not installed: pip install -r requirements-serve.txt"))
 
 MAX_BODY = 5 * 1024 * 1024  # bytes of a request body; a 280 x 280 drawing as PNG is ~10 kB
 MAX_IMAGE_SIDE = 4096  # pixels; PIL decodes lazily, so a small file cannot claim a huge image unchecked
 PAGE = Path(__file__).with_name("draw.html")
+NOT_AN_OBJECT = "the body must be a JSON object with 'image' or 'pixels'"
 
 
-def bad_request(message: str) -> HTTPException:
-    return HTTPException(status_code=400, detail=message)
-
-
-def decode_image(data) -> torch.Tensor:
+def decode_image(data) -> np.ndarray:
     """A base64 image of any size and polarity, prepared as ``--data.predict_path`` prepares files."""
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(data, str):
-        raise bad_request("'image' must be a base64 string")
+        raise ValueError("'image' must be a base64 string")
     if data.startswith("data:"):  # a data URL, as a browser's canvas gives it
         data = data.partition(",")[2]
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise bad_request("'image' is not valid base64") from None
+        raise ValueError("'image' is not valid base64") from None
     try:
         image = Image.open(io.BytesIO(raw))
-        if max(image.size) > MAX_IMAGE_SIDE:
-            raise bad_request(f"the image is {image.size[0]} x {image.size[1]}; at most {MAX_IMAGE_SIDE} a side")
-        if image.format not in ("PNG", "JPEG", "BMP"):
-            raise bad_request(f"'image' is {image.format}; send PNG, JPEG or BMP")
-        image.load()
+        size, kind = image.size, image.format
+        if max(size) <= MAX_IMAGE_SIDE and kind in ("PNG", "JPEG", "BMP"):
+            image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise bad_request("'image' is not a PNG, JPEG or BMP image") from None
-    return to_mnist(image)
+        raise ValueError("'image' is not a PNG, JPEG or BMP image") from None
+    if max(size) > MAX_IMAGE_SIDE:
+        raise ValueError(f"the image is {size[0]} x {size[1]}; at most {MAX_IMAGE_SIDE} a side")
+    if kind not in ("PNG", "JPEG", "BMP"):
+        raise ValueError(f"'image' is {kind}; send PNG, JPEG or BMP")
+    return to_mnist(image).numpy()
 
 
-def decode_pixels(data) -> torch.Tensor:
+def decode_pixels(data) -> np.ndarray:
     """28 rows of 28 numbers in [0, 1], ink bright, as MNIST images are."""
     try:
         pixels = np.asarray(data)  # checked as a whole: a loop over 784 values costs more than the model
     except ValueError:  # ragged rows
-        raise bad_request("'pixels' must be 28 rows of 28 numbers") from None
+        raise ValueError("'pixels' must be 28 rows of 28 numbers") from None
     if pixels.shape != (28, 28):
-        raise bad_request(f"'pixels' must be 28 rows of 28 numbers, not of shape {list(pixels.shape)}")
+        raise ValueError(f"'pixels' must be 28 rows of 28 numbers, not of shape {list(pixels.shape)}")
     if pixels.dtype.kind not in "iuf":  # booleans, strings, nulls and mixtures are not pixels
-        raise bad_request("'pixels' must hold numbers only")
+        raise ValueError("'pixels' must hold numbers only")
     if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
-        raise bad_request("'pixels' must lie in [0, 1]")
-    return torch.from_numpy(pixels.astype(np.float32)).unsqueeze(0)  # (28, 28) -> (1, 28, 28)
+        raise ValueError("'pixels' must lie in [0, 1]")
+    return pixels.astype(np.float32)[None]  # (28, 28) -> (1, 28, 28)
+
+
+class DigitRequest(BaseModel):
+    """A request's body, checked and decoded by the HTTP server, one request at a time, before it joins a batch.
+
+    The model process predicts a batch as one: an error raised there would answer every request of the batch.
+    """
+
+    pixels: Any  # (1, 28, 28) float32 numpy array in [0, 1], ink bright
+
+    @model_validator(mode="before")
+    @classmethod
+    def decode(cls, body: Any) -> dict[str, np.ndarray]:
+        if not isinstance(body, dict):
+            raise ValueError(NOT_AN_OBJECT)
+        if ("image" in body) == ("pixels" in body):
+            raise ValueError("send exactly one of 'image' (base64 PNG/JPEG/BMP) and 'pixels' (28 x 28 in [0, 1])")
+        return {"pixels": decode_image(body["image"]) if "image" in body else decode_pixels(body["pixels"])}
+
+
+async def one_line_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """A rejected body as HTTP 400 ``{"detail": "<what is wrong>"}``, not FastAPI's 422 list that echoes the input."""
+    first = error.errors()[0] if error.errors() else {}
+    cause = (first.get("ctx") or {}).get("error")
+    if first.get("type") == "json_invalid":
+        detail = "the body is not valid JSON"
+    elif isinstance(cause, ValueError):
+        detail = str(cause)
+    else:  # no body at all
+        detail = NOT_AN_OBJECT
+    return JSONResponse({"detail": detail}, status_code=400)
 
 
 class DigitAPI(ls.LitAPI):
-    """The checkpoint's classifier behind LitServe: requests are decoded one by one and predicted in batches."""
+    """The checkpoint's classifier behind LitServe: requests decoded one by one, predicted in batches.
+
+    The HTTP server checks and decodes each body (``DigitRequest``); the model process only stacks, predicts and
+    answers.
+    """
 
     def __init__(self, ckpt_path: Path, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -95,34 +132,30 @@ class DigitAPI(ls.LitAPI):
         self.model.eval()
         self.device_name = device
 
-    def decode_request(self, request: dict) -> torch.Tensor:
-        if not isinstance(request, dict):
-            raise bad_request("the body must be a JSON object with 'image' or 'pixels'")
-        if ("image" in request) == ("pixels" in request):
-            raise bad_request("send exactly one of 'image' (base64 PNG/JPEG/BMP) and 'pixels' (28 x 28 in [0, 1])")
-        return decode_image(request["image"]) if "image" in request else decode_pixels(request["pixels"])
+    def decode_request(self, request: DigitRequest) -> np.ndarray:
+        return request.pixels  # decoded by the HTTP server (DigitRequest)
 
-    def batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(inputs)  # B x (1, 28, 28) -> (B, 1, 28, 28)
+    def batch(self, inputs: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack(inputs))  # B x (1, 28, 28) -> (B, 1, 28, 28)
 
-    def predict(self, pixels: torch.Tensor) -> torch.Tensor:
-        if pixels.dim() == 3:  # one request, unbatched: (1, 28, 28) -> (1, 1, 28, 28)
-            pixels = pixels.unsqueeze(0)
+    def predict(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(pixels, np.ndarray):  # one request, unbatched: (1, 28, 28) -> (1, 1, 28, 28)
+            pixels = torch.from_numpy(pixels).unsqueeze(0)
         with torch.inference_mode():
             return self.model(pixels.to(self.device_name)).softmax(dim=-1).cpu()
 
-    def unbatch(self, output: torch.Tensor) -> list[torch.Tensor]:
-        return list(output)
+    def unbatch(self, output: torch.Tensor) -> list[list[float]]:
+        return output.tolist()  # one conversion for the batch, not ten per request
 
-    def encode_response(self, probabilities: torch.Tensor) -> dict:
-        if probabilities.dim() == 2:  # unbatched: one request, one row
-            probabilities = probabilities[0]
-        confidence, prediction = probabilities.max(dim=0)
+    def encode_response(self, probabilities: list[float] | torch.Tensor) -> dict:
+        if isinstance(probabilities, torch.Tensor):  # unbatched: predict's one row
+            probabilities = probabilities[0].tolist()
+        prediction = max(range(len(probabilities)), key=probabilities.__getitem__)
         return {
-            "prediction": int(prediction),
-            "confidence": float(confidence),
-            "probabilities": [round(float(p), 6) for p in probabilities],
-            "class_name": self.model.class_names[int(prediction)],
+            "prediction": prediction,
+            "confidence": probabilities[prediction],
+            "probabilities": [round(p, 6) for p in probabilities],
+            "class_name": self.model.class_names[prediction],
         }
 
 
@@ -155,6 +188,7 @@ def build_server(
     # elsewhere. (Starlette's route list is public; LitServe has no option for its root page.)
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
     server.app.add_api_route("/", lambda: HTMLResponse(page), methods=["GET"], include_in_schema=False)
+    server.app.add_exception_handler(RequestValidationError, one_line_error)
     return server
 
 

@@ -163,6 +163,16 @@ def test_concurrent_requests_are_batched_and_all_answered(server):
     assert len({body["prediction"] for _, body in answers}) == 1
 
 
+def test_a_bad_request_among_concurrent_ones_fails_alone(server):
+    # Batched requests are predicted together: one that cannot be must not take its batch down with it.
+    good = {"pixels": to_mnist(bar_digit())[0].tolist()}
+    bad = {"pixels": [[2.0] * 28] * 28}
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda payload: ask(f"{server['url']}/predict", payload), [good, bad] * 32))
+    assert [status for status, _ in answers] == [200, 400] * 32
+    assert {body["detail"] for _, body in answers[1::2]} == {"'pixels' must lie in [0, 1]"}
+
+
 def test_the_page_and_health(server):
     status, page = ask(server["url"] + "/")
     assert status == 200 and "<canvas" in page and "predict" in page
