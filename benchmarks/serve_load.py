@@ -6,7 +6,8 @@
 Each setting starts its own server (dynamic batching on: --max_batch_size 32; off: 1), warms it up, then each
 client sends its share of --requests requests back to back, a 28 x 28 digit as JSON pixels, over a kept-alive
 connection. The settings alternate over --rounds; a failed request stops the benchmark. Prints a markdown table
-and writes it to --output.
+and writes it to --output, with the CPU time the server's processes (HTTP server, LitServe's queue manager, model
+worker) spent per request: what batching can save is the model worker's share of it.
 """
 
 import argparse
@@ -81,17 +82,34 @@ def client(port: int, count: int, body: bytes, latencies: list[float], failures:
         latencies.append(time.perf_counter() - start)
 
 
-def load(port: int, clients: int, requests: int, body: bytes) -> dict[str, float]:
+def server_cpu_seconds(process: subprocess.Popen) -> float:
+    """CPU time used so far by the server's processes (its process group; Linux), NaN where /proc is missing."""
+    total = 0.0
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return float("nan")
+    for entry in proc.iterdir():
+        try:
+            if not entry.name.isdigit() or os.getpgid(int(entry.name)) != process.pid:
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ProcessLookupError):
+            continue  # ended meanwhile
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
+
+
+def load(port: int, clients: int, requests: int, body: bytes, server: subprocess.Popen) -> dict[str, float]:
     latencies: list[float] = []
     failures: list[str] = []
     share = [requests // clients + (k < requests % clients) for k in range(clients)]
     threads = [threading.Thread(target=client, args=(port, n, body, latencies, failures)) for n in share]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), server_cpu_seconds(server)
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, server_cpu_seconds(server) - cpu_start
     if failures:
         sys.exit(f"{len(failures)} of {requests} requests failed at {clients} clients, e.g. {failures[0]}")
     latencies.sort()
@@ -99,6 +117,7 @@ def load(port: int, clients: int, requests: int, body: bytes) -> dict[str, float
         "rps": requests / seconds,
         "p50": 1000 * statistics.median(latencies),
         "p99": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "cpu": 1000 * cpu / requests,
     }
 
 
@@ -118,6 +137,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests per measurement")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the settings")
+    parser.add_argument(
+        "--api_servers",
+        type=int,
+        default=2,
+        help="the server's HTTP processes (mnist.serve --api_servers); with one, parsing requests is the limit",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "serve_results.md")
     args = parser.parse_args()
     body = json.dumps({"pixels": [[0.0] * 12 + [1.0] * 4 + [0.0] * 12 for _ in range(28)]}).encode()
@@ -126,26 +151,27 @@ def main() -> None:
         for ckpt in args.ckpt_path:
             network = network_of(ckpt)
             for name, extra in SETTINGS.items() if round_ % 2 == 0 else reversed(SETTINGS.items()):
-                process, port = start(ckpt, extra)
+                process, port = start(ckpt, [*extra, "--api_servers", str(args.api_servers)])
                 try:
-                    load(port, 8, 200, body)  # warm-up
+                    load(port, 8, 200, body, process)  # warm-up
                     for clients in args.clients:
-                        result = load(port, clients, args.requests, body)
+                        result = load(port, clients, args.requests, body, process)
                         results.setdefault((network, name, clients), []).append(result)
                         print(f"round {round_ + 1}: {network}, {name}, {clients} clients: {result}", flush=True)
                 finally:
                     stop(process)
     lines = [
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} CPU cores, PyTorch "
-        f"{torch.__version__}; client and server on the same machine; {args.requests} requests per measurement, "
-        f"median over {args.rounds} rounds.",
+        f"{torch.__version__}; client and server on the same machine; server with {args.api_servers} HTTP "
+        f"process(es); {args.requests} requests per measurement, median over {args.rounds} rounds.",
         "",
-        "| network | setting | clients | requests/s | p50 latency (ms) | p99 latency (ms) |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| network | setting | clients | requests/s | p50 latency (ms) | p99 latency (ms) "
+        "| server CPU per request (ms) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (network, name, clients), runs in sorted(results.items()):
-        rps, p50, p99 = (statistics.median(r[key] for r in runs) for key in ("rps", "p50", "p99"))
-        lines.append(f"| {network} | {name} | {clients} | {rps:.0f} | {p50:.1f} | {p99:.1f} |")
+        rps, p50, p99, cpu = (statistics.median(r[key] for r in runs) for key in ("rps", "p50", "p99", "cpu"))
+        lines.append(f"| {network} | {name} | {clients} | {rps:.0f} | {p50:.1f} | {p99:.1f} | {cpu:.2f} |")
     table = "\n".join(lines) + "\n"
     args.output.write_text(table)
     print(table)

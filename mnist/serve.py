@@ -30,7 +30,7 @@ try:
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
-    from pydantic import BaseModel, model_validator
+    from pydantic import BaseModel, Field, model_validator
 except ImportError as err:  # serving is optional
     exit_with_message(UserError(f"{err.name} is not installed: pip install -r requirements-serve.txt"))
 
@@ -87,7 +87,9 @@ class DigitRequest(BaseModel):
     The model process predicts a batch as one: an error raised there would answer every request of the batch.
     """
 
-    pixels: Any  # (1, 28, 28) float32 numpy array in [0, 1], ink bright
+    # (1, 28, 28) float32 numpy array in [0, 1], ink bright. Not in the repr: LitServe formats every request into a
+    # debug message, logged or not, and printing 784 floats took milliseconds per request.
+    pixels: Any = Field(repr=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -201,6 +203,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max_batch_size", type=int, default=32, help="dynamic batching: requests per forward")
     parser.add_argument("--batch_timeout", type=float, default=0.002, help="seconds to wait to fill a batch")
     parser.add_argument("--workers", type=int, default=1, help="model processes per device")
+    parser.add_argument(
+        "--api_servers",
+        type=int,
+        default=1,
+        help="HTTP server processes; with 2 or more, parsing requests is shared and the model becomes the limit",
+    )
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return parser.parse_args(argv)
 
@@ -208,15 +216,23 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
-        if args.max_batch_size < 1 or args.batch_timeout < 0 or args.workers < 1:
-            raise UserError("--max_batch_size and --workers must be at least 1, --batch_timeout at least 0")
+        if args.max_batch_size < 1 or args.batch_timeout < 0 or args.workers < 1 or args.api_servers < 1:
+            raise UserError(
+                "--max_batch_size, --workers and --api_servers must be at least 1, --batch_timeout at least 0"
+            )
         path, names = resolve(args.ckpt_path, args.root)
         server = build_server(path, names, args.max_batch_size, args.batch_timeout, args.workers, args.accelerator)
     except UserError as err:
         exit_with_message(err)
     host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
     print(f"Serving {path}: open http://{host}:{args.port}/ (API: POST /predict)", file=sys.stderr, flush=True)
-    server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
+    server.run(
+        host=args.host,
+        port=args.port,
+        num_api_servers=args.api_servers,
+        generate_client_file=False,
+        log_level="warning",
+    )
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ def server(tmp_path_factory, mnist_dir):
              "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])  # fmt: skip
     ckpt = next((cwd / "logs/lightning_logs/version_0/checkpoints").glob("epoch*.ckpt"))
     port = free_port()
-    process = serve(["--ckpt_path", "best", "--port", str(port)], cwd=cwd)
+    # Two HTTP server processes: requests reach the model through either, as under load.
+    process = serve(["--ckpt_path", "best", "--port", str(port), "--api_servers", "2"], cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
