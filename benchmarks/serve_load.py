@@ -141,7 +141,7 @@ def main() -> None:
         "--api_servers",
         type=int,
         default=2,
-        help="the server's HTTP processes (mnist.serve --api_servers); with one, parsing requests is the limit",
+        help="the server's HTTP processes (mnist.serve --api_servers, default 2)",
     )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "serve_results.md")
     args = parser.parse_args()

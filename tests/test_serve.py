@@ -68,8 +68,7 @@ def server(tmp_path_factory, mnist_dir):
              "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])  # fmt: skip
     ckpt = next((cwd / "logs/lightning_logs/version_0/checkpoints").glob("epoch*.ckpt"))
     port = free_port()
-    # Two HTTP server processes: requests reach the model through either, as under load.
-    process = serve(["--ckpt_path", "best", "--port", str(port), "--api_servers", "2"], cwd=cwd)
+    process = serve(["--ckpt_path", "best", "--port", str(port)], cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -194,6 +193,15 @@ def test_an_unfit_checkpoint_is_one_error_line_at_start(tmp_path, what):
     assert process.returncode != 0
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0], err
+
+
+@pytest.mark.parametrize("setting", [["--max_batch_size", "0"], ["--api_servers", "0"], ["--batch_timeout", "-1"]])
+def test_a_bad_server_setting_is_one_error_line_at_start(tmp_path, setting):
+    process = serve(["--ckpt_path", "best", "--port", str(free_port()), *setting], cwd=tmp_path)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and setting[0] in lines[0], err
 
 
 def test_drawing_on_the_page_in_a_headless_browser_shows_an_answer(server, tmp_path):
