@@ -13,6 +13,8 @@ import argparse
 import base64
 import binascii
 import io
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -194,6 +196,23 @@ def build_server(
     return server
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a service manager) stops the server as Ctrl-C does, with its model and HTTP processes.
+
+    By default it ended this process alone, and the others kept running, holding the port.
+    """
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame) -> None:
+        if os.getpid() != main_pid:  # an HTTP server process forked from this one: end as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt  # LitServer.run shuts its processes down on it
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mnist.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="best, last (of the newest run under --root) or a path")
@@ -227,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         exit_with_message(err)
     host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
     print(f"Serving {path}: open http://{host}:{args.port}/ (API: POST /predict)", file=sys.stderr, flush=True)
+    stop_on_sigterm()
     server.run(
         host=args.host,
         port=args.port,

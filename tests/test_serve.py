@@ -58,6 +58,20 @@ def png(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def wait_until_serving(process: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server stopped: {process.communicate()[1]}")
+        try:
+            if ask(f"{url}/health")[0] == 200:
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.5)
+    pytest.fail("the server did not come up in 120 s")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, mnist_dir):
     """A checkpoint trained for one epoch, served on a free port for the module's tests."""
@@ -70,20 +84,9 @@ def server(tmp_path_factory, mnist_dir):
     port = free_port()
     process = serve(["--ckpt_path", "best", "--port", str(port)], cwd=cwd)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the server stopped: {process.communicate()[1]}")
-        try:
-            if ask(f"{url}/health")[0] == 200:
-                break
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.5)
-    else:
-        pytest.fail("the server did not come up in 120 s")
+    wait_until_serving(process, url)
     model = MNISTClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
-    yield {"url": url, "model": model, "process": process}
+    yield {"url": url, "model": model, "process": process, "cwd": cwd}
     os.killpg(process.pid, signal.SIGTERM)
     try:
         process.communicate(timeout=20)
@@ -202,6 +205,25 @@ def test_a_bad_server_setting_is_one_error_line_at_start(tmp_path, setting):
     assert process.returncode != 0
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and setting[0] in lines[0], err
+
+
+def test_sigterm_to_the_server_stops_all_its_processes(server):
+    # `kill PID` or a service manager signals the main process only; its model and HTTP processes must go with it.
+    port = free_port()
+    process = serve(["--ckpt_path", "best", "--port", str(port)], cwd=server["cwd"])
+    wait_until_serving(process, f"http://127.0.0.1:{port}")
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.killpg(process.pid, 0)  # raises once no process of the server's group is left
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail("processes of the server were still running 30 s after it was sent SIGTERM")
+        time.sleep(0.2)
 
 
 def test_drawing_on_the_page_in_a_headless_browser_shows_an_answer(server, tmp_path):
