@@ -23,3 +23,20 @@ def test_benchmark_contender_runs_and_records_its_epochs(tmp_path, mnist_dir, sc
     records = [json.loads(line) for line in timer.read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1]
     assert all(r["seconds"] > 0 and r["cpu_seconds"] > 0 for r in records)
+
+
+def test_step_calls_counts_what_the_template_adds_per_step(tmp_path, mnist_dir):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_calls.py"), "--data_dir", str(mnist_dir), "--warmup", "2",
+         "--window", "4", "--data.val_size", "100"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in result.stdout.splitlines() if "|" in line}
+    calls = {name: float(cells[1]) for name, cells in rows.items() if name not in ("run", "---")}
+    assert set(calls) == {"bare Lightning", "template (config.yaml)", "template, no progress bar",
+                          "template, no checkpointing", "template, no logger"}  # fmt: skip
+    # The template makes more calls than bare Lightning, and fewer with its progress bar or checkpointing off.
+    assert calls["bare Lightning"] < calls["template (config.yaml)"]
+    assert calls["template, no progress bar"] < calls["template (config.yaml)"]
+    assert calls["template, no checkpointing"] < calls["template (config.yaml)"]
