@@ -15,6 +15,7 @@ from tests import tensorboard_view as tb
 from tests.conftest import CONFIG, ROOT, run_main
 
 optuna = pytest.importorskip("optuna")
+SQLAlchemyError = pytest.importorskip("sqlalchemy.exc").SQLAlchemyError  # Optuna's storage layer
 
 SPACE = {
     "model.optimizer.init_args.lr": {"type": "float", "low": 0.00001, "high": 0.3, "log": True},
@@ -89,7 +90,7 @@ def test_resumes_after_kill_9_without_losing_or_repeating_trials(tmp_path, base)
         try:
             if any(t.state.name == "COMPLETE" for t in study(tmp_path).trials):
                 break
-        except KeyError:  # the storage is there, the study not yet
+        except (KeyError, SQLAlchemyError):  # the storage is there, the study not yet, or its tables being made
             continue
     first.send_signal(signal.SIGKILL)
     first.communicate()
