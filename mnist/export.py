@@ -22,29 +22,10 @@ TOLERANCE = 1e-4  # largest difference in logits allowed between the export and 
 FORMATS = ("onnx", "torch.export")
 
 
-class RawPixelClassifier(nn.Module):
-    """A trained network with the data module's normalisation in front of it.
-
-    Args:
-        network: The trained network, taking normalised images.
-        mean: Mean the training data was normalised with.
-        std: Standard deviation the training data was normalised with.
-    """
-
-    def __init__(self, network: nn.Module, mean: float, std: float) -> None:
-        super().__init__()
-        self.network = network
-        self.mean, self.std = mean, std
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.network((pixels - self.mean) / self.std)
-
-
-def load(ckpt_path: Path) -> RawPixelClassifier:
+def load(ckpt_path: Path) -> MNISTClassifier:
+    """The checkpoint's model, as trained: it takes raw pixels and normalises them itself."""
     check_checkpoint(ckpt_path)
-    model = MNISTClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-    # The normalisation the network was trained with, as the data module stated it to the model.
-    return RawPixelClassifier(model.network, model.hparams.mean, model.hparams.std).eval()
+    return MNISTClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True).eval()
 
 
 def sample_pixels(data_dir: str, count: int = 256) -> torch.Tensor:

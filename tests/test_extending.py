@@ -116,7 +116,7 @@ def test_other_datasets_flow_into_model_predictions_and_export(
     assert {row["class_name"] for row in rows} <= set(model["class_names"])
     from mnist.export import load
 
-    assert load(run / "checkpoints" / "last.ckpt").mean == model["mean"]
+    assert load(run / "checkpoints" / "last.ckpt").hparams.mean == model["mean"]
 
 
 def test_bring_your_own_data_is_one_class_and_one_preset(tmp_path, mnist_dir, monkeypatch, capsys):
