@@ -107,7 +107,10 @@ async def one_line_error(request: Request, error: RequestValidationError) -> JSO
     """A rejected body as HTTP 400 ``{"detail": "<what is wrong>"}``, not FastAPI's 422 list that echoes the input."""
     first = error.errors()[0] if error.errors() else {}
     cause = (first.get("ctx") or {}).get("error")
-    if first.get("type") == "json_invalid":
+    media_type = request.headers.get("content-type", "application/json").partition(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):  # not read as JSON (curl -d: a form)
+        detail = f"the body is sent as {media_type or '?'}; send JSON, with the header Content-Type: application/json"
+    elif first.get("type") == "json_invalid":
         detail = "the body is not valid JSON"
     elif isinstance(cause, ValueError):
         detail = str(cause)

@@ -166,6 +166,16 @@ def test_concurrent_requests_are_batched_and_all_answered(server):
     assert len({body["prediction"] for _, body in answers}) == 1
 
 
+def test_a_body_not_sent_as_json_is_told_the_header_to_use(server):
+    body = json.dumps({"pixels": [[0.0] * 28] * 28}).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):  # the latter is curl -d's default
+        request = urllib.request.Request(f"{server['url']}/predict", data=body, headers={"Content-Type": content_type})
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=30)
+        assert answer.value.code == 400
+        assert "Content-Type: application/json" in json.loads(answer.value.read())["detail"]
+
+
 def test_a_bad_request_among_concurrent_ones_fails_alone(server):
     # Batched requests are predicted together: one that cannot be must not take its batch down with it.
     good = {"pixels": to_mnist(bar_digit())[0].tolist()}
