@@ -22,12 +22,12 @@ class EpochTimer(pl.Callback):
         self.start = self.cpu_start = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _synchronize(pl_module)
+        synchronize(pl_module.device)
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning runs the epoch's validation before this hook, so it is included.
-        _synchronize(pl_module)
+        synchronize(pl_module.device)
         seconds, cpu_seconds = time.perf_counter() - self.start, time.process_time() - self.cpu_start
         if trainer.is_global_zero:
             with open(self.path, "a") as f:
@@ -35,7 +35,7 @@ class EpochTimer(pl.Callback):
                 f.write(json.dumps(record) + "\n")
 
 
-def _synchronize(pl_module: pl.LightningModule) -> None:
-    # A GPU runs behind the host: wait for it, or the time measured is only the time to queue the work.
-    if pl_module.device.type == "cuda":
-        torch.cuda.synchronize(pl_module.device)
+def synchronize(device: torch.device) -> None:
+    """Wait for a GPU, which runs behind the host: otherwise the time measured is only the time to queue the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

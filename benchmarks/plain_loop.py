@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from epoch_timer import synchronize
 from torchvision.datasets import MNIST
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -73,11 +74,6 @@ def main() -> None:
         record = {"epoch": epoch, "seconds": seconds, "cpu_seconds": cpu_seconds, "val_acc": int(correct) / len(val_y)}
         with open(args.timer, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

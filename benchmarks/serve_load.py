@@ -28,6 +28,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mnist import runs  # noqa: E402
+
 SETTINGS = {"batching on": ["--max_batch_size", "32"], "batching off": ["--max_batch_size", "1"]}
 
 
@@ -123,9 +126,6 @@ def load(port: int, clients: int, requests: int, body: bytes, server: subprocess
 
 def network_of(ckpt: str) -> str:
     """The served network's class, as the checkpoint names it (best/last: of the newest run under logs/)."""
-    sys.path.insert(0, str(ROOT))
-    from mnist import runs
-
     path = runs.find_checkpoint(ckpt, [Path("logs")])
     network = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"].get("network") or {}
     return str(network.get("class_path", "mnist.networks.MLP")).rsplit(".", 1)[-1]
@@ -147,9 +147,9 @@ def main() -> None:
     args = parser.parse_args()
     body = json.dumps({"pixels": [[0.0] * 12 + [1.0] * 4 + [0.0] * 12 for _ in range(28)]}).encode()
     results: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+    networks = {ckpt: network_of(ckpt) for ckpt in args.ckpt_path}
     for round_ in range(args.rounds):
-        for ckpt in args.ckpt_path:
-            network = network_of(ckpt)
+        for ckpt, network in networks.items():
             for name, extra in SETTINGS.items() if round_ % 2 == 0 else reversed(SETTINGS.items()):
                 process, port = start(ckpt, [*extra, "--api_servers", str(args.api_servers)])
                 try:
@@ -169,8 +169,8 @@ def main() -> None:
         "| server CPU per request (ms) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for (network, name, clients), runs in sorted(results.items()):
-        rps, p50, p99, cpu = (statistics.median(r[key] for r in runs) for key in ("rps", "p50", "p99", "cpu"))
+    for (network, name, clients), measured in sorted(results.items()):
+        rps, p50, p99, cpu = (statistics.median(r[key] for r in measured) for key in ("rps", "p50", "p99", "cpu"))
         lines.append(f"| {network} | {name} | {clients} | {rps:.0f} | {p50:.1f} | {p99:.1f} | {cpu:.2f} |")
     table = "\n".join(lines) + "\n"
     args.output.write_text(table)
