@@ -84,18 +84,7 @@ def template(data_dir: Path, batch_size: int, counter: CallCounter, flags: list[
     args = ["fit", "--config", str(HERE.parent / "config.yaml"), "--data.data_dir", str(data_dir),
             "--data.download", "false", "--data.batch_size", str(batch_size), "--trainer.max_epochs", "1",
             *(f"--trainer.{key}={value}" for key, value in trainer_args.items()), *flags]  # fmt: skip
-    CountingCLI(counter, args)
-
-
-class CountingCLI(MNISTCLI):
-    """The template's command line with the call counter among its trainer's callbacks."""
-
-    def __init__(self, counter: CallCounter, args: list[str]) -> None:
-        self.counter = counter  # before the parent's __init__, which builds the trainer and runs the command
-        super().__init__(args=args)
-
-    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
-        return super().instantiate_trainer(callbacks=[self.counter], **kwargs)
+    MNISTCLI(args=args, trainer_defaults={"callbacks": [counter]})
 
 
 def main() -> None:

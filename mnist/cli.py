@@ -102,8 +102,9 @@ class MNISTCLI(LightningCLI):
     def __init__(self, args=None, **kwargs) -> None:
         kwargs.setdefault("parser_class", MNISTArgumentParser)
         kwargs.setdefault("save_config_callback", RunConfigSaver)
-        # Runs go where plain Lightning puts them, under default_root_dir: logs/lightning_logs/version_N.
-        kwargs.setdefault("trainer_defaults", {"default_root_dir": "logs"})
+        # Runs go where plain Lightning puts them, under default_root_dir: logs/lightning_logs/version_N. A caller's
+        # own defaults come on top, e.g. `trainer_defaults={"callbacks": [...]}` (mnist.sweep's trial reporter).
+        kwargs["trainer_defaults"] = {"default_root_dir": "logs", **(kwargs.get("trainer_defaults") or {})}
         # The optimizer and scheduler are the model's own typed arguments (--model.optimizer), so the CLI's
         # generic top-level --optimizer / --lr_scheduler would only be a second way to say the same thing.
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -188,7 +189,6 @@ class MNISTCLI(LightningCLI):
         trainer = init["trainer"]
         callbacks = trainer.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
-        callbacks += kwargs.pop("callbacks", [])  # a subclass's own (mnist.sweep adds its trial reporter)
         # config.yaml configures a progress bar; a command line that turns the bar off means that one too.
         if trainer.get("enable_progress_bar") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]

@@ -167,17 +167,6 @@ class TrialReporter(pl.Callback):
             raise optuna.TrialPruned(f"epoch {trainer.current_epoch}: {self.metric} {float(value):.4f}")
 
 
-class TrialCLI(MNISTCLI):
-    """The project's command line, with a trial's reporter among the trainer's callbacks."""
-
-    def __init__(self, reporter: TrialReporter, *args, **kwargs) -> None:
-        self.reporter = reporter
-        super().__init__(*args, **kwargs)
-
-    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
-        return super().instantiate_trainer(callbacks=[self.reporter], **kwargs)
-
-
 class Sweep:
     """One worker of a study: runs trials until the study holds ``trials`` finished ones."""
 
@@ -204,7 +193,7 @@ class Sweep:
         try:
             with open(run_dir / "console.log", "a") as console, contextlib.redirect_stdout(console), \
                     contextlib.redirect_stderr(console):  # fmt: skip
-                cli = TrialCLI(reporter, args=self.trial_args(trial.number, params))
+                cli = MNISTCLI(args=self.trial_args(trial.number, params), trainer_defaults={"callbacks": [reporter]})
                 trial.set_user_attr("run_dir", str(run_dir))
                 config = run_dir / "config.yaml"
                 if config.is_file():
