@@ -39,25 +39,30 @@ class Bare(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def main() -> None:
-    args = arguments(__doc__)
-    torch.manual_seed(0)
-    # The data where the model trains (the GPU when there is one), as the template keeps it.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train_x, train_y, val_x, val_y = (t.to(device) for t in train_and_val(args.data_dir))
-    train = BatchLoader(train_x, train_y, args.batch_size, EpochSampler(len(train_y), shuffle=True))
-    val = BatchLoader(val_x, val_y, args.batch_size)
+def fit(data: tuple[torch.Tensor, ...], batch_size: int, callbacks: list[pl.Callback], **trainer_args) -> None:
+    """Train ``Bare`` on ``train_and_val``'s tensors with a Trainer that has nothing of its own switched on."""
+    train_x, train_y, val_x, val_y = data
+    train = BatchLoader(train_x, train_y, batch_size, EpochSampler(len(train_y), shuffle=True))
+    val = BatchLoader(val_x, val_y, batch_size)
     trainer = pl.Trainer(
-        max_epochs=args.epochs,
         logger=False,
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        precision=args.precision,
-        callbacks=[EpochTimer(args.timer)],
+        callbacks=callbacks,
+        **trainer_args,
     )
     trainer.fit(Bare(), train, val)
+
+
+def main() -> None:
+    args = arguments(__doc__)
+    torch.manual_seed(0)
+    # The data where the model trains (the GPU when there is one), as the template keeps it.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = tuple(t.to(device) for t in train_and_val(args.data_dir))
+    fit(data, args.batch_size, [EpochTimer(args.timer)], max_epochs=args.epochs, precision=args.precision)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
-from bare_lightning import Bare  # noqa: E402
+import bare_lightning  # noqa: E402
 from plain_loop import train_and_val  # noqa: E402
 
 from mnist.cli import MNISTCLI  # noqa: E402
-from mnist.loader import BatchLoader, EpochSampler  # noqa: E402
 
 # The template as config.yaml runs it, then with one part off at a time (command-line flags, nothing patched).
 VARIANTS = {
@@ -64,19 +63,8 @@ class CallCounter(pl.Callback):
 
 
 def bare(data: tuple[torch.Tensor, ...], batch_size: int, counter: CallCounter) -> None:
-    train_x, train_y, val_x, val_y = data
-    train = BatchLoader(train_x, train_y, batch_size, EpochSampler(len(train_y), shuffle=True))
-    trainer = pl.Trainer(
-        max_epochs=1,
-        limit_train_batches=counter.warmup + counter.window + 1,
-        limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[counter],
-    )
-    trainer.fit(Bare(), train, BatchLoader(val_x, val_y, batch_size))
+    steps = counter.warmup + counter.window + 1
+    bare_lightning.fit(data, batch_size, [counter], max_epochs=1, limit_train_batches=steps, limit_val_batches=0)
 
 
 def template(data_dir: Path, batch_size: int, counter: CallCounter, flags: list[str], work: str) -> None:
