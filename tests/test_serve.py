@@ -196,25 +196,27 @@ def test_the_page_and_health(server):
     assert ask(server["url"] + "/health")[0] == 200
 
 
+def refusal(args: list[str], cwd: Path) -> str:
+    """The one ``error:`` line a server started with ``args`` exits with (it must exit non-zero)."""
+    process = serve([*args, "--port", str(free_port())], cwd=cwd)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    return lines[0]
+
+
 @pytest.mark.parametrize("what", ["missing", "not a checkpoint"])
 def test_an_unfit_checkpoint_is_one_error_line_at_start(tmp_path, what):
     path = tmp_path / "model.ckpt"
     if what == "not a checkpoint":
         path.write_bytes(b"not a checkpoint at all")
-    process = serve(["--ckpt_path", str(path), "--port", str(free_port())], cwd=tmp_path)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode != 0
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0], err
+    assert str(path) in refusal(["--ckpt_path", str(path)], tmp_path)
 
 
 @pytest.mark.parametrize("setting", [["--max_batch_size", "0"], ["--api_servers", "0"], ["--batch_timeout", "-1"]])
 def test_a_bad_server_setting_is_one_error_line_at_start(tmp_path, setting):
-    process = serve(["--ckpt_path", "best", "--port", str(free_port()), *setting], cwd=tmp_path)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode != 0
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and setting[0] in lines[0], err
+    assert setting[0] in refusal(["--ckpt_path", "best", *setting], tmp_path)
 
 
 def test_sigterm_to_the_server_stops_all_its_processes(server):
