@@ -75,8 +75,8 @@ class MNISTClassifier(pl.LightningModule):
         # The compiled forward is a function, not a module: the state dict keeps the plain network's keys.
         self.compiled_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
         # Not saved (persistent=False): the checkpoint holds mean and std as hyperparameters.
-        self.register_buffer("scale", torch.tensor(1 / std), persistent=False)
         self.register_buffer("shift", torch.tensor(-mean / std), persistent=False)
+        self.scale = 1 / std
         # The model summary runs it through the network to count FLOPs and show the shapes.
         self.example_input_array = torch.zeros(1, *image_shape)
         self.checkpoint_step: int | None = None  # the training step of the checkpoint an evaluation loaded
@@ -95,9 +95,10 @@ class MNISTClassifier(pl.LightningModule):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes)`` for images ``(B, C, H, W)`` with pixels in [0, 1]."""
-        # (x - mean) / std as one fused x * scale + shift: each extra tensor op costs ~5 % of the MLP's step.
+        # (x - mean) / std as one operation, shift + scale * x. With the scale a Python number it costs ~4 µs for a
+        # batch of 32 on a CPU; `addcmul` with a tensor scale took ~13 µs, and two operations ~8 µs.
         network = self.compiled_forward or self.network
-        return network(torch.addcmul(self.shift, pixels, self.scale))
+        return network(torch.add(self.shift, pixels, alpha=self.scale))
 
     def setup(self, stage: str) -> None:
         if self.hparams.get("compile") and self.compiled_forward is None:
