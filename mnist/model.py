@@ -158,13 +158,21 @@ class MNISTClassifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
-        # The step curves. Lightning writes step values only every `log_every_n_steps` steps, and a `self.log`
-        # call costs about as much as this network's whole step, so they are logged only on those steps.
+        # The step curves, every `log_every_n_steps` steps as Lightning would write them: a `self.log` call costs about
+        # as much as this network's whole step.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-            self.log("train/loss_step", loss.detach(), prog_bar=True)
-            self.log_dict({"train/lr": lr, "step": float(self.global_step)})
+            self._log_step_curves(loss)
         return loss
+
+    def _log_step_curves(self, loss: torch.Tensor) -> None:
+        # Straight to the loggers, not through `self.log`: Lightning keeps a logged value for the rest of the epoch and
+        # reads it back at every step (~13 µs a value, for a step of ~1 ms: MLP, batch 32, CPU), and converts one
+        # shown in the progress bar to a number at every step, a host sync per step on a GPU. Lightning's loggers
+        # write on process 0 only; the others skip the sync of `item()`.
+        if self.trainer.is_global_zero:
+            values = {"train/loss_step": loss.item(), "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]}
+            for logger in self.loggers:
+                logger.log_metrics(values, step=self.global_step)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, "val")

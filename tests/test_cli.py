@@ -55,7 +55,10 @@ def test_tensorboard_has_the_curves_at_the_training_step(trained):
     for tag in ("train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "best_val/loss"):
         assert tag in curves, sorted(curves)
     assert "train/lr" in curves and all(s.value == pytest.approx(0.01) for s in curves["train/lr"])
-    assert len(curves["train/loss_step"]) >= 2 and len(curves["val/loss"]) == 2
+    assert len(curves["val/loss"]) == 2
+    # Step values every log_every_n_steps (5) steps, at the step they were taken, over both epochs (16 steps each).
+    assert [s.step for s in curves["train/loss_step"]] == list(range(4, 32, 5))
+    assert [s.step for s in curves["train/lr"]] == list(range(4, 32, 5))
     # Epoch values sit at the training step they were taken at.
     steps_per_epoch = -(-500 // 32)
     assert [s.step for s in curves["val/loss"]] == [steps_per_epoch, 2 * steps_per_epoch]
