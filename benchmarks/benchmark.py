@@ -40,8 +40,8 @@ def run(command: list[str], cwd: Path) -> tuple[float, str]:
     return seconds, result.stdout + result.stderr
 
 
-def epoch_times(path: Path) -> list[float]:
-    return [json.loads(line)["seconds"] for line in path.read_text().splitlines()]
+def epoch_times(path: Path, field: str = "seconds") -> list[float]:
+    return [json.loads(line)[field] for line in path.read_text().splitlines()]
 
 
 def template_fit(data_dir: Path, work: Path, timer: Path, extra: list[str]) -> tuple[float, str]:
@@ -70,7 +70,10 @@ def template_peak_memory(data_dir: Path) -> float:
     return int(output.split()[-1]) / 1024
 
 
-def measure_epochs(data_dir: Path, rounds: int, epochs: int, compile_: bool, precision: str) -> dict[str, list[float]]:
+def measure_epochs(
+    data_dir: Path, rounds: int, epochs: int, compile_: bool, precision: str
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Epoch times (s) and quiet training-step times (ms) of every contender, by ``name|batch``."""
     contenders = [("tutorial", "tutorial", 32)]
     for batch in (32, 256):
         contenders += [
@@ -81,6 +84,7 @@ def measure_epochs(data_dir: Path, rounds: int, epochs: int, compile_: bool, pre
         if compile_:
             contenders.append(("template, compiled", "compiled", batch))
     times: dict[str, list[float]] = {}
+    steps: dict[str, list[float]] = {}
     for round_ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
@@ -99,10 +103,11 @@ def measure_epochs(data_dir: Path, rounds: int, epochs: int, compile_: bool, pre
                     compiled = ["--model.compile", "true"] if kind == "compiled" else []
                     template_fit(data_dir, work, timer, [*sizes, *compiled, "--trainer.precision", precision])
                 # The first epoch of a run pays for warming up (and compiling): it is left out.
-                measured = epoch_times(timer) if kind == "tutorial" else epoch_times(timer)[1:]
-                times.setdefault(f"{name}|{batch}", []).extend(measured)
+                first = 0 if kind == "tutorial" else 1
+                times.setdefault(f"{name}|{batch}", []).extend(epoch_times(timer)[first:])
+                steps.setdefault(f"{name}|{batch}", []).extend(epoch_times(timer, "step_ms")[first:])
                 print(f"round {round_ + 1}/{rounds}: {name} at batch {batch}: {epoch_times(timer)}", flush=True)
-    return times
+    return times, steps
 
 
 def measure_preset(data_dir: Path, preset: str, seed: int | None) -> dict[str, float]:
@@ -124,24 +129,32 @@ def device_name() -> str:
 
 
 def table(
-    times: dict[str, list[float]], presets: dict[str, dict[str, float]], peak_mb: float, precision: str = "32-true"
+    times: dict[str, list[float]],
+    steps: dict[str, list[float]],
+    presets: dict[str, dict[str, float]],
+    peak_mb: float,
+    precision: str = "32-true",
 ) -> str:
-    def median(key: str) -> float:
-        return statistics.median(times[key])
-
     lines = [
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"PyTorch {torch.__version__}, Python {platform.python_version()}, {device_name()}, precision {precision}; "
-        "real MNIST, training + validation per epoch, median over all measured epochs.",
+        "real MNIST. Epoch: training + validation, median over all measured epochs. Quiet step: a training step "
+        "when the machine is quiet, the 10th percentile of 50-step windows' mean, median over the epochs.",
         "",
-        "| contender | batch | epoch (s), median | vs plain loop | vs bare Lightning | epochs measured |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| contender | batch | epoch (s), median | vs plain loop | vs bare Lightning | quiet step (ms) "
+        "| vs bare Lightning | epochs measured |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key in times:
         name, batch = key.split("|")
-        plain = median(key) / median(f"plain loop|{batch}")
-        bare = median(key) / median(f"bare Lightning|{batch}")
-        lines.append(f"| {name} | {batch} | {median(key):.2f} | {plain:.2f} × | {bare:.2f} × | {len(times[key])} |")
+        epoch, step = statistics.median(times[key]), statistics.median(steps[key])
+        plain = epoch / statistics.median(times[f"plain loop|{batch}"])
+        bare = epoch / statistics.median(times[f"bare Lightning|{batch}"])
+        bare_step = step / statistics.median(steps[f"bare Lightning|{batch}"])
+        lines.append(
+            f"| {name} | {batch} | {epoch:.2f} | {plain:.2f} × | {bare:.2f} × | {step:.3f} | {bare_step:.2f} × "
+            f"| {len(times[key])} |"
+        )
     lines += ["", f"Peak memory of a `fit` with config.yaml: {peak_mb:.0f} MB."]
     if presets:
         lines += ["", "| preset | seed | epochs | whole `fit` command (s) | test accuracy |",
@@ -176,7 +189,7 @@ def main() -> None:
             "Get it with: python main.py fit --config config.yaml --trainer.max_epochs 0 (downloads it), "
             "or copy the four uncompressed IDX files there."
         )
-    times = measure_epochs(data_dir, args.rounds, args.epochs, args.compile, args.precision)
+    times, steps = measure_epochs(data_dir, args.rounds, args.epochs, args.compile, args.precision)
     peak_mb = template_peak_memory(data_dir)
     presets = {}
     if args.presets is not None:
@@ -185,7 +198,7 @@ def main() -> None:
                 key = f"{name}|{'shipped' if seed is None else seed}"
                 presets[key] = measure_preset(data_dir, name, seed)
                 print(f"preset {key}: {presets[key]}", flush=True)
-    result = table(times, presets, peak_mb, args.precision)
+    result = table(times, steps, presets, peak_mb, args.precision)
     args.output.write_text(result)
     print(result)
 

@@ -4,14 +4,13 @@ python benchmarks/plain_loop.py --data_dir data --batch_size 32 --epochs 3 --tim
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from epoch_timer import synchronize
+from epoch_timer import synchronize, write_record
 from torchvision.datasets import MNIST
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,7 +56,9 @@ def main() -> None:
         synchronize(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         model.train()
+        step_starts = []
         for index in torch.randperm(len(train_y), device=device).split(bs):
+            step_starts.append(time.perf_counter())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
                 loss = F.cross_entropy(model(train_x[index]), train_y[index])
             optimizer.zero_grad()
@@ -71,9 +72,8 @@ def main() -> None:
                 correct += (logits.argmax(1) == val_y[start_val : start_val + bs]).sum()
         synchronize(device)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        record = {"epoch": epoch, "seconds": seconds, "cpu_seconds": cpu_seconds, "val_acc": int(correct) / len(val_y)}
-        with open(args.timer, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        write_record(args.timer, epoch, seconds, cpu_seconds, step_starts)
+        print(f"epoch {epoch}: val accuracy {int(correct) / len(val_y):.4f}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ def test_benchmark_contender_runs_and_records_its_epochs(tmp_path, mnist_dir, sc
     records = [json.loads(line) for line in timer.read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1]
     assert all(r["seconds"] > 0 and r["cpu_seconds"] > 0 for r in records)
+    # A training step's quiet time: shorter than the epoch's steps (500 images, batch 64: 8 steps) take together.
+    assert all(0 < r["step_ms"] / 1000 < r["seconds"] / 7 for r in records)
 
 
 def test_step_calls_counts_what_the_template_adds_per_step(tmp_path, mnist_dir):
@@ -40,3 +42,16 @@ def test_step_calls_counts_what_the_template_adds_per_step(tmp_path, mnist_dir):
     assert calls["bare Lightning"] < calls["template (config.yaml)"]
     assert calls["template, no progress bar"] < calls["template (config.yaml)"]
     assert calls["template, no checkpointing"] < calls["template (config.yaml)"]
+
+
+def test_quiet_step_time_is_not_moved_by_a_slow_spell(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from epoch_timer import quiet_step_ms
+
+    # 400 steps of 1 ms, 100 of them slowed to 3 ms by another tenant; and the same with no slow spell.
+    durations = [0.003 if 150 <= i < 250 else 0.001 for i in range(400)]
+    starts = [sum(durations[:i]) for i in range(len(durations) + 1)]
+    assert quiet_step_ms(starts) == pytest.approx(1.0)
+    assert quiet_step_ms([i * 0.002 for i in range(401)]) == pytest.approx(2.0)
+    # Fewer steps than a window: their mean.
+    assert quiet_step_ms([0.0, 0.001, 0.003]) == pytest.approx(1.5)
