@@ -40,8 +40,9 @@ def run(command: list[str], cwd: Path) -> tuple[float, str]:
     return seconds, result.stdout + result.stderr
 
 
-def epoch_times(path: Path, field: str = "seconds") -> list[float]:
-    return [json.loads(line)[field] for line in path.read_text().splitlines()]
+def epoch_records(path: Path) -> list[dict[str, float]]:
+    """The epoch timer's records of one run, one per epoch (``seconds``, ``step_ms``, ...)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def template_fit(data_dir: Path, work: Path, timer: Path, extra: list[str]) -> tuple[float, str]:
@@ -103,10 +104,12 @@ def measure_epochs(
                     compiled = ["--model.compile", "true"] if kind == "compiled" else []
                     template_fit(data_dir, work, timer, [*sizes, *compiled, "--trainer.precision", precision])
                 # The first epoch of a run pays for warming up (and compiling): it is left out.
-                first = 0 if kind == "tutorial" else 1
-                times.setdefault(f"{name}|{batch}", []).extend(epoch_times(timer)[first:])
-                steps.setdefault(f"{name}|{batch}", []).extend(epoch_times(timer, "step_ms")[first:])
-                print(f"round {round_ + 1}/{rounds}: {name} at batch {batch}: {epoch_times(timer)}", flush=True)
+                records = epoch_records(timer)
+                measured = records if kind == "tutorial" else records[1:]
+                times.setdefault(f"{name}|{batch}", []).extend(r["seconds"] for r in measured)
+                steps.setdefault(f"{name}|{batch}", []).extend(r["step_ms"] for r in measured)
+                seconds = [r["seconds"] for r in records]
+                print(f"round {round_ + 1}/{rounds}: {name} at batch {batch}: {seconds}", flush=True)
     return times, steps
 
 
@@ -119,7 +122,7 @@ def measure_preset(data_dir: Path, preset: str, seed: int | None) -> dict[str, f
         seconds, _ = template_fit(data_dir, work, timer, ["--config", str(ROOT / "configs" / f"{preset}.yaml"), *seeds])
         return {
             "fit": seconds,
-            "epochs": len(epoch_times(timer)),
+            "epochs": len(epoch_records(timer)),
             "acc": test_accuracy(data_dir, work),
         }
 

@@ -158,8 +158,7 @@ class MNISTClassifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
-        # The step curves, every `log_every_n_steps` steps as Lightning would write them: a `self.log` call costs about
-        # as much as this network's whole step.
+        # The step curves, on the steps Lightning writes step values on (every `log_every_n_steps`).
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self._log_step_curves(loss)
         return loss
