@@ -349,7 +349,10 @@ def save_plots(study: optuna.Study, sweep_dir: Path, metric: str) -> list[Path]:
         ("parallel_coordinates", plots.plot_parallel_coordinate),
     ):
         try:
-            axes = plot(study)
+            with warnings.catch_warnings():
+                # A parameter with one value in every trial gets a widened axis; matplotlib says so on stderr.
+                warnings.filterwarnings("ignore", "Attempting to set identical low and high ylims", UserWarning)
+                axes = plot(study)
         except (ValueError, RuntimeError, ZeroDivisionError):
             continue  # too few completed trials, or a single parameter, for this plot
         if name == "history":
