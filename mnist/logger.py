@@ -11,13 +11,17 @@ metric the model logs as ``val/loss`` is therefore written as the tag ``loss`` o
 Other loggers (CSV, W&B, MLflow) get the metric names unchanged.
 """
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from lightning_fabric.utilities.rank_zero import rank_zero_only
+from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
-from torch.utils.tensorboard import SummaryWriter
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.tensorboard.summary import scalar
+from torch.utils.tensorboard.writer import FileWriter
 
 
 class StageTensorBoardLogger(TensorBoardLogger):
@@ -29,12 +33,12 @@ class StageTensorBoardLogger(TensorBoardLogger):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._stage_writers: dict[str, SummaryWriter] = {}
+        self._stage_writers: dict[str, FileWriter] = {}
 
-    def stage_writer(self, stage: str) -> SummaryWriter:
-        """The writer of the run ``<version>/<stage>``, opened on first use."""
+    def stage_writer(self, stage: str) -> FileWriter:
+        """The event writer of the run ``<version>/<stage>``, opened on first use."""
         if stage not in self._stage_writers:
-            self._stage_writers[stage] = SummaryWriter(str(Path(self.log_dir) / stage))
+            self._stage_writers[stage] = FileWriter(str(Path(self.log_dir) / stage))
         return self._stage_writers[stage]
 
     @rank_zero_only
@@ -46,7 +50,7 @@ class StageTensorBoardLogger(TensorBoardLogger):
                 rest[key] = value
                 continue
             value = value.item() if isinstance(value, torch.Tensor) else value
-            self.stage_writer(stage).add_scalar(name, value, step)
+            self.stage_writer(stage).add_summary(scalar(name, value), step)
         if rest:
             super().log_metrics(rest, step)
 
@@ -57,7 +61,7 @@ class StageTensorBoardLogger(TensorBoardLogger):
         if not name:
             self.experiment.add_image(key, image, step, dataformats="HWC")
         else:
-            self.stage_writer(stage).add_image(f"pictures/{name}", image, step, dataformats="HWC")
+            self.stage_writer(stage).add_summary(png_summary(f"pictures/{name}", image), step)
 
     @rank_zero_only
     def save(self) -> None:
@@ -71,3 +75,17 @@ class StageTensorBoardLogger(TensorBoardLogger):
         for writer in self._stage_writers.values():
             writer.close()
         self._stage_writers.clear()
+
+
+def png_summary(tag: str, image: np.ndarray) -> Summary:
+    """A TensorBoard image summary of an RGB ``(H, W, 3)`` uint8 picture, encoded as PNG at zlib level 1.
+
+    ``SummaryWriter.add_image`` takes 9-11 ms for one of this project's ~500x500 pictures: it copies the pixels
+    through float32, resamples them at scale 1 and compresses at level 6. Level 1 takes 3-4 ms, with files ~10 %
+    larger; the pixels are the same (PNG is lossless). Two pictures per validation: ~2 % of an epoch at batch 256.
+    """
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    height, width, channels = image.shape
+    picture = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue())
+    return Summary(value=[Summary.Value(tag=tag, image=picture)])

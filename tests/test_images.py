@@ -1,6 +1,7 @@
 """Predicting the user's own digit images, the pictures in TensorBoard, and the model export."""
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mnist.errors import UserError
 from mnist.images import image_files, load_digits, to_mnist
+from mnist.logger import StageTensorBoardLogger
+from mnist.visuals import confusion_matrix_image
 from tests.conftest import CONFIG
 from tests.conftest import cli_in_process as cli
 
@@ -90,6 +93,21 @@ def test_tensorboard_shows_confusion_matrix_and_mistakes(trained):
     assert {"val/confusion_matrix", "val/most_confident_mistakes"} <= pictures.keys()
     assert {"test/confusion_matrix", "test/most_confident_mistakes"} <= pictures.keys()
     assert len(pictures["val/confusion_matrix"]) == 2, "one per validation epoch, none for the sanity check"
+
+
+def test_a_logged_picture_reads_back_pixel_for_pixel(tmp_path):
+    # The logger encodes pictures itself (a faster PNG level than SummaryWriter.add_image): TensorBoard must still
+    # read them, at their step, with the pixels drawn.
+    picture = confusion_matrix_image(torch.tensor([[5, 1], [0, 7]]), "val at step 3", ["0 - zero", "1 - one"])
+    logger = StageTensorBoardLogger(save_dir=tmp_path, name="", version="run")
+    logger.log_image("val/confusion_matrix", picture, step=3)
+    logger.finalize("success")
+    events = EventAccumulator(str(tmp_path / "run" / "val"), size_guidance={"images": 0})
+    events.Reload()
+    (event,) = events.Images("pictures/confusion_matrix")
+    assert event.step == 3 and (event.height, event.width) == picture.shape[:2]
+    decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
+    assert decoded.dtype == np.uint8 and np.array_equal(decoded, picture)
 
 
 def test_predict_own_images_writes_the_csv(trained, mnist_dir, tmp_path, capsys):
