@@ -3,15 +3,18 @@
     python benchmarks/benchmark.py --data_dir data                # epoch times, about 10 minutes
     python benchmarks/benchmark.py --data_dir data --presets fast cnn --seeds 0 1 2   # plus the presets' accuracy
     python benchmarks/benchmark.py --data_dir data --compile      # plus the template with --model.compile true
-    python benchmarks/benchmark.py --data_dir data --compile --precision bf16-mixed   # on a GPU: mixed precision
+    python benchmarks/benchmark.py --data_dir data --compile --precision 32-true bf16-mixed   # on a GPU
 
 Contenders run in turn, in separate processes, alternating over --rounds so that the shared machine's slow spells
-hit all of them alike. An epoch is training plus validation. It prints a markdown table and writes it to --output.
+hit all of them alike. An epoch is training plus validation. It prints a markdown table and writes it to --output
+after every round, so that a run cut short still leaves the rounds it finished.
 """
 
 import argparse
 import datetime
+import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,26 +76,31 @@ def template_peak_memory(data_dir: Path) -> float:
 
 
 def measure_epochs(
-    data_dir: Path, rounds: int, epochs: int, compile_: bool, precision: str
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Epoch times (s) and quiet training-step times (ms) of every contender, by ``name|batch``."""
-    contenders = [("tutorial", "tutorial", 32)]
+    data_dir: Path, rounds: int, epochs: int, compile_: bool, precisions: list[str], after_round: Callable[..., None]
+) -> None:
+    """Time every contender over ``rounds``, calling ``after_round(times, steps)`` after each.
+
+    ``times`` holds the epoch times (s) so far and ``steps`` the quiet training-step times (ms), by
+    ``name|batch|precision``.
+    """
+    contenders = [("tutorial", "tutorial", 32, "32-true")]
     for batch in (32, 256):
-        contenders += [
-            ("plain loop", "plain", batch),
-            ("bare Lightning", "bare", batch),
-            ("template", "template", batch),
-        ]
-        if compile_:
-            contenders.append(("template, compiled", "compiled", batch))
+        for precision in precisions:
+            contenders += [
+                ("plain loop", "plain", batch, precision),
+                ("bare Lightning", "bare", batch, precision),
+                ("template", "template", batch, precision),
+            ]
+            if compile_:
+                contenders.append(("template, compiled", "compiled", batch, precision))
     times: dict[str, list[float]] = {}
     steps: dict[str, list[float]] = {}
     for round_ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             # Each round in the other order, so that no contender always follows the same one.
-            for name, kind, batch in contenders if round_ % 2 == 0 else contenders[::-1]:
-                timer = work / f"{kind}-{batch}.jsonl"
+            for name, kind, batch, precision in contenders if round_ % 2 == 0 else contenders[::-1]:
+                timer = work / f"{kind}-{batch}-{precision}.jsonl"
                 script = ["--data_dir", str(data_dir), "--timer", str(timer)]
                 if kind == "tutorial":
                     run([sys.executable, str(HERE / "tutorial.py"), *script, "--epochs", "1"], cwd=work)
@@ -106,11 +115,12 @@ def measure_epochs(
                 # The first epoch of a run pays for warming up (and compiling): it is left out.
                 records = epoch_records(timer)
                 measured = records if kind == "tutorial" else records[1:]
-                times.setdefault(f"{name}|{batch}", []).extend(r["seconds"] for r in measured)
-                steps.setdefault(f"{name}|{batch}", []).extend(r["step_ms"] for r in measured)
-                seconds = [r["seconds"] for r in records]
-                print(f"round {round_ + 1}/{rounds}: {name} at batch {batch}: {seconds}", flush=True)
-    return times, steps
+                key = f"{name}|{batch}|{precision}"
+                times.setdefault(key, []).extend(r["seconds"] for r in measured)
+                steps.setdefault(key, []).extend(r["step_ms"] for r in measured)
+                seconds = [round(r["seconds"], 3) for r in records]
+                print(f"round {round_ + 1}/{rounds}: {name} at batch {batch}, {precision}: {seconds}", flush=True)
+        after_round(times, steps)
 
 
 def measure_preset(data_dir: Path, preset: str, seed: int | None) -> dict[str, float]:
@@ -131,35 +141,46 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 
 
+def pl_version() -> str:
+    return importlib.metadata.version("pytorch-lightning")
+
+
+def ratio(value: float, reference: float) -> str:
+    return "–" if math.isnan(reference) else f"{value / reference:.2f} ×"
+
+
 def table(
     times: dict[str, list[float]],
     steps: dict[str, list[float]],
     presets: dict[str, dict[str, float]],
-    peak_mb: float,
-    precision: str = "32-true",
+    peak_mb: float | None,
 ) -> str:
+    """The markdown table; each ratio is to the plain loop or bare Lightning at the same batch size and precision."""
     lines = [
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"PyTorch {torch.__version__}, Python {platform.python_version()}, {device_name()}, precision {precision}; "
+        f"PyTorch {torch.__version__}, Lightning {pl_version()}, Python {platform.python_version()}, {device_name()}; "
         "real MNIST. Epoch: training + validation, median over all measured epochs. Quiet step: a training step "
         "when the machine is quiet: in each epoch the 10th percentile of 50-step windows' mean, the lowest over the "
         "epochs (slow spells here last minutes, whole runs).",
         "",
-        "| contender | batch | epoch (s), median | vs plain loop | vs bare Lightning | quiet step (ms) "
+        "| contender | batch | precision | epoch (s), median | vs plain loop | vs bare Lightning | quiet step (ms) "
         "| vs bare Lightning | epochs measured |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key in times:
-        name, batch = key.split("|")
+        name, batch, precision = key.split("|")
         epoch, step = statistics.median(times[key]), min(steps[key])
-        plain = epoch / statistics.median(times[f"plain loop|{batch}"])
-        bare = epoch / statistics.median(times[f"bare Lightning|{batch}"])
-        bare_step = step / min(steps[f"bare Lightning|{batch}"])
+        same = f"{batch}|{precision}"
+        # Until the first round is done, a contender can be timed before the ones it is compared with.
+        plain = ratio(epoch, statistics.median(times.get(f"plain loop|{same}", [math.nan])))
+        bare = ratio(epoch, statistics.median(times.get(f"bare Lightning|{same}", [math.nan])))
+        bare_step = ratio(step, min(steps.get(f"bare Lightning|{same}", [math.nan])))
         lines.append(
-            f"| {name} | {batch} | {epoch:.2f} | {plain:.2f} × | {bare:.2f} × | {step:.3f} | {bare_step:.2f} × "
+            f"| {name} | {batch} | {precision} | {epoch:.2f} | {plain} | {bare} | {step:.3f} | {bare_step} "
             f"| {len(times[key])} |"
         )
-    lines += ["", f"Peak memory of a `fit` with config.yaml: {peak_mb:.0f} MB."]
+    if peak_mb is not None:
+        lines += ["", f"Peak memory of a `fit` with config.yaml: {peak_mb:.0f} MB."]
     if presets:
         lines += ["", "| preset | seed | epochs | whole `fit` command (s) | test accuracy |",
                   "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
@@ -179,9 +200,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the template with --model.compile true")
     parser.add_argument(
         "--precision",
-        default="32-true",
+        nargs="+",
+        default=["32-true"],
         choices=["32-true", "bf16-mixed"],
-        help="precision of the plain loop, bare Lightning and the template (not the tutorial)",
+        help="precisions of the plain loop, bare Lightning and the template, each timed (not the tutorial's)",
     )
     parser.add_argument("--output", type=Path, default=HERE / "results.md")
     args = parser.parse_args()
@@ -193,7 +215,13 @@ def main() -> None:
             "Get it with: python main.py fit --config config.yaml --trainer.max_epochs 0 (downloads it), "
             "or copy the four uncompressed IDX files there."
         )
-    times, steps = measure_epochs(data_dir, args.rounds, args.epochs, args.compile, args.precision)
+    timed: dict[str, dict[str, list[float]]] = {}
+
+    def write_round(times: dict[str, list[float]], steps: dict[str, list[float]]) -> None:
+        timed.update(times=times, steps=steps)
+        args.output.write_text(table(times, steps, {}, None))
+
+    measure_epochs(data_dir, args.rounds, args.epochs, args.compile, args.precision, write_round)
     peak_mb = template_peak_memory(data_dir)
     presets = {}
     if args.presets is not None:
@@ -202,7 +230,7 @@ def main() -> None:
                 key = f"{name}|{'shipped' if seed is None else seed}"
                 presets[key] = measure_preset(data_dir, name, seed)
                 print(f"preset {key}: {presets[key]}", flush=True)
-    result = table(times, steps, presets, peak_mb, args.precision)
+    result = table(timed["times"], timed["steps"], presets, peak_mb)
     args.output.write_text(result)
     print(result)
 
