@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -134,3 +136,42 @@ def test_training_steps_read_no_tensor_on_the_host_between_logging_steps(tmp_pat
     logging = {step for step in reads if (step + 1) % 5 == 0}
     assert all(reads[step] == 0 for step in reads.keys() - logging), reads
     assert all(reads[step] > 0 for step in logging), reads
+
+
+class DeviceWaitCounter(pl.Callback):
+    """Counts PyTorch's warnings of a wait for the CUDA device, in ``caught``, at the start of each training step."""
+
+    caught: list[warnings.WarningMessage] = []
+    per_step: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        waits = sum("synchronizing CUDA operation" in str(w.message) for w in DeviceWaitCounter.caught)
+        DeviceWaitCounter.per_step.append(waits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_on_cuda_training_steps_wait_for_the_device_only_at_logging_steps(tmp_path, fast_args, monkeypatch, precision):
+    # The test above sees the host reads made from Python. PyTorch's sync debug mode sees every wait for the device,
+    # also those inside an operation (a copy to the host, a data-dependent shape) and from Lightning's own code.
+    monkeypatch.chdir(tmp_path)
+    DeviceWaitCounter.per_step = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DeviceWaitCounter.caught = caught
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            cli(["fit", *fast_args, "--trainer.accelerator", "gpu", "--trainer.precision", precision,
+                 "--trainer.log_every_n_steps", "5", "--nan_guard.check_every_n_steps", "5",
+                 "--trainer.enable_progress_bar", "true", "--trainer.callbacks+=tests.test_model.DeviceWaitCounter",
+                 "--trainer.limit_val_batches", "0"])  # fmt: skip
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    steps = DeviceWaitCounter.per_step
+    assert len(steps) == 32  # 2 epochs of 16 batches
+    waits = dict(enumerate(b - a for a, b in zip(steps, steps[1:], strict=False)))  # training step -> waits
+    del waits[15]  # the epoch boundary
+    logging = {step for step in waits if (step + 1) % 5 == 0}
+    assert all(waits[step] == 0 for step in waits.keys() - logging), waits
+    # Writing the step curves reads the loss on the host: the debug mode must see that wait, or it saw nothing.
+    assert all(waits[step] > 0 for step in logging), waits
