@@ -35,7 +35,8 @@ RAW_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 
 def run(command: list[str], cwd: Path) -> tuple[float, str]:
     """Run a command; return its wall time and output, or stop the benchmark with its output if it fails."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}"}
+    path = [str(ROOT), str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]  # the caller's own path kept
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     start = time.perf_counter()
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
