@@ -57,20 +57,23 @@ def test_quiet_step_time_is_not_moved_by_a_slow_spell(monkeypatch):
     assert quiet_step_ms([0.0, 0.001, 0.003]) == pytest.approx(1.5)
 
 
-def test_benchmark_table_compares_at_the_same_batch_and_precision_and_takes_a_partial_round(monkeypatch):
+def test_benchmark_table_compares_at_the_same_batch_and_precision_only(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from benchmark import table
 
+    def rows(times: dict[str, list[float]], steps: dict[str, list[float]]) -> dict[tuple[str, ...], list[str]]:
+        """(contender, batch, precision) -> epoch, vs plain loop, vs bare Lightning, quiet step, vs bare, epochs."""
+        lines = [line.split("|")[1:-1] for line in table(times, steps, {}, None).splitlines() if line.startswith("| ")]
+        return {tuple(c.strip() for c in cells[:3]): [c.strip() for c in cells[3:]] for cells in lines[2:]}
+
     times = {"bare Lightning|32|32-true": [2.0, 2.2], "template|32|32-true": [2.4, 2.6],
-             "bare Lightning|32|bf16-mixed": [3.0], "template|32|bf16-mixed": [3.3],
-             "template|256|32-true": [0.5]}  # fmt: skip
+             "bare Lightning|32|bf16-mixed": [3.0], "template|32|bf16-mixed": [3.3]}  # fmt: skip
     steps = {"bare Lightning|32|32-true": [1.0, 1.1], "template|32|32-true": [1.2, 1.3],
-             "bare Lightning|32|bf16-mixed": [2.0], "template|32|bf16-mixed": [2.4],
-             "template|256|32-true": [2.0]}  # fmt: skip
-    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): [cell.strip() for cell in line.split("|")[4:-1]]
-            for line in table(times, steps, {}, None).splitlines() if line.startswith("| template")}  # fmt: skip
-    # epoch median, vs plain loop, vs bare Lightning, quiet step, vs bare Lightning, epochs measured
-    assert rows[("template", "32", "32-true")] == ["2.50", "–", "1.19 ×", "1.200", "1.20 ×", "2"]
-    assert rows[("template", "32", "bf16-mixed")] == ["3.30", "–", "1.10 ×", "2.400", "1.20 ×", "1"]
-    # Cut short before bare Lightning ran at batch 256: no ratio rather than a wrong one.
-    assert rows[("template", "256", "32-true")] == ["0.50", "–", "–", "2.000", "–", "1"]
+             "bare Lightning|32|bf16-mixed": [2.0], "template|32|bf16-mixed": [2.4]}  # fmt: skip
+    measured = rows(times, steps)
+    assert measured[("template", "32", "32-true")] == ["2.50", "–", "1.19 ×", "1.200", "1.20 ×", "2"]
+    assert measured[("template", "32", "bf16-mixed")] == ["3.30", "–", "1.10 ×", "2.400", "1.20 ×", "1"]
+    # The tutorial runs at 32-true only: with bf16-mixed alone timed, no ratio rather than one across precisions.
+    measured = rows({"tutorial|32|32-true": [8.0], "bare Lightning|32|bf16-mixed": [3.0]},
+                    {"tutorial|32|32-true": [3.0], "bare Lightning|32|bf16-mixed": [2.0]})  # fmt: skip
+    assert measured[("tutorial", "32", "32-true")] == ["8.00", "–", "–", "3.000", "–", "1"]
