@@ -11,6 +11,7 @@ them in HPARAMS. Needs the optional ``requirements-sweep.txt``.
 import argparse
 import contextlib
 import csv
+import datetime
 import io
 import logging
 import signal
@@ -235,7 +236,30 @@ class Sweep:
             print(" ".join(parts), file=sys.stderr, flush=True)
 
         while finished() < self.opts.trials:
+            fail_unbegun_trials(study, grace_period(self.opts))
             study.optimize(self.objective, n_trials=1, catch=(TrialFailed,), callbacks=[say])
+
+
+def grace_period(opts: argparse.Namespace) -> int:
+    """Seconds without a heartbeat after which a running trial's process is taken for dead."""
+    return 3 * opts.heartbeat
+
+
+def fail_unbegun_trials(study: optuna.Study, grace_seconds: int) -> None:
+    """Record as failed the trials whose process died after creating them and before they began.
+
+    Optuna creates a trial, then starts its heartbeat: a process killed in between leaves a trial running forever,
+    since a trial that never sent a heartbeat is never taken for stale (by design, optuna/optuna#4026). Such a trial
+    has no parameters (the objective suggests them first, milliseconds after the trial is created): one without
+    any, created longer ago than the heartbeat's grace period, belongs to no live process, and nothing was trained.
+    """
+    now = datetime.datetime.now()  # Optuna's start times are the creating machine's local time
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if not trial.params and started is not None and (now - started).total_seconds() > grace_seconds:
+            # skip_if_finished: another worker may have recorded it a moment ago.
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            print(f"trial {trial.number}: failed (its process ended before the trial began)", file=sys.stderr)
 
 
 def open_study(opts: argparse.Namespace) -> optuna.Study:
@@ -264,7 +288,7 @@ def _open_study(opts: argparse.Namespace, storage_url: str) -> optuna.Study:
             storage_url,
             engine_kwargs=engine,
             heartbeat_interval=opts.heartbeat,
-            grace_period=3 * opts.heartbeat,
+            grace_period=grace_period(opts),
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
         sampler = optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=opts.startup_trials)

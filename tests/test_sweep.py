@@ -107,6 +107,24 @@ def test_resumes_after_kill_9_without_losing_or_repeating_trials(tmp_path, base)
         assert not (tmp_path / "logs/sweeps/space/trials" / f"trial_{number:04d}" / "config-1.yaml").exists()
 
 
+def test_a_trial_whose_process_died_before_it_began_is_failed_once_its_grace_is_over(tmp_path):
+    # A kill -9 between Optuna creating a trial and its first heartbeat leaves a running trial no heartbeat check
+    # will ever fail. Seen in the kill -9 test above, when the kill came just as the next trial was created.
+    from mnist.sweep import fail_unbegun_trials, open_study, parse
+
+    opts = parse(["--config", "c.yaml", "--space", "space.yaml", "--sweep_dir", str(tmp_path), "--heartbeat", "1"])
+    unbegun = open_study(opts).ask()  # created, then its process "dies": no parameters, no heartbeat
+    running = open_study(opts).ask()  # a live trial: its objective suggested its parameters
+    running.suggest_float("lr", 0.001, 0.1)
+    fail_unbegun_trials(study := open_study(opts), grace_seconds=1)
+    assert states(study.trials) == ["RUNNING", "RUNNING"]  # both still within the grace period
+    time.sleep(1.5)
+    just_created = open_study(opts).ask()
+    fail_unbegun_trials(study, grace_seconds=1)
+    assert [unbegun.number, running.number, just_created.number] == [0, 1, 2]
+    assert states(study.trials) == ["FAIL", "RUNNING", "RUNNING"]
+
+
 @pytest.mark.slow
 def test_pruned_and_failing_trials_do_not_stop_the_sweep(tmp_path, base):
     space = {**SPACE, "model.optimizer.init_args.momentum": {"type": "categorical", "choices": [0.0, -1.0]}}
