@@ -367,11 +367,14 @@ def save_plots(study: optuna.Study, sweep_dir: Path, metric: str) -> list[Path]:
     from optuna.visualization import matplotlib as plots
 
     saved = []
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     for name, plot in (
         ("history", plots.plot_optimization_history),
         ("importances", plots.plot_param_importances),
         ("parallel_coordinates", plots.plot_parallel_coordinate),
     ):
+        if name == "importances" and len(complete) < 2:
+            continue  # Optuna would draw every parameter equally important, and warn that it did
         try:
             with warnings.catch_warnings():
                 # A parameter with one value in every trial gets a widened axis; matplotlib says so on stderr.

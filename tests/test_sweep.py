@@ -125,6 +125,22 @@ def test_a_trial_whose_process_died_before_it_began_is_failed_once_its_grace_is_
     assert states(study.trials) == ["FAIL", "RUNNING", "RUNNING"]
 
 
+def test_plots_leave_out_importances_until_two_trials_complete(tmp_path, recwarn):
+    from mnist.sweep import save_plots
+
+    study = optuna.create_study()
+    lr = optuna.distributions.FloatDistribution(0.001, 0.1, log=True)
+    batch = optuna.distributions.CategoricalDistribution([32, 64])
+    for n, value in enumerate([0.5, 0.3, 0.4]):
+        study.add_trial(optuna.trial.create_trial(params={"lr": 0.001 * 10**n, "batch": 32 + 32 * (n % 2)},
+                                                  distributions={"lr": lr, "batch": batch}, value=value))  # fmt: skip
+        saved = {path.name for path in save_plots(study, tmp_path, "val/loss")}
+        if n == 0:
+            assert saved == {"history.png", "parallel_coordinates.png"}, saved  # one trial ranks no parameter
+            assert not [w for w in recwarn if "importances" in str(w.message)]
+    assert saved == {"history.png", "importances.png", "parallel_coordinates.png"}
+
+
 @pytest.mark.slow
 def test_pruned_and_failing_trials_do_not_stop_the_sweep(tmp_path, base):
     space = {**SPACE, "model.optimizer.init_args.momentum": {"type": "categorical", "choices": [0.0, -1.0]}}
