@@ -78,11 +78,10 @@ def template_peak_memory(data_dir: Path) -> float:
 
 def measure_epochs(
     data_dir: Path, rounds: int, epochs: int, compile_: bool, precisions: list[str], after_round: Callable[..., None]
-) -> None:
-    """Time every contender over ``rounds``, calling ``after_round(times, steps)`` after each.
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Epoch times (s) and quiet training-step times (ms) of every contender, by ``name|batch|precision``.
 
-    ``times`` holds the epoch times (s) so far and ``steps`` the quiet training-step times (ms), by
-    ``name|batch|precision``.
+    ``after_round(times, steps)`` gets those measured so far after each round.
     """
     contenders = [("tutorial", "tutorial", 32, "32-true")]
     for batch in (32, 256):
@@ -122,6 +121,7 @@ def measure_epochs(
                 seconds = [round(r["seconds"], 3) for r in records]
                 print(f"round {round_ + 1}/{rounds}: {name} at batch {batch}, {precision}: {seconds}", flush=True)
         after_round(times, steps)
+    return times, steps
 
 
 def measure_preset(data_dir: Path, preset: str, seed: int | None) -> dict[str, float]:
@@ -216,13 +216,11 @@ def main() -> None:
             "Get it with: python main.py fit --config config.yaml --trainer.max_epochs 0 (downloads it), "
             "or copy the four uncompressed IDX files there."
         )
-    timed: dict[str, dict[str, list[float]]] = {}
 
     def write_round(times: dict[str, list[float]], steps: dict[str, list[float]]) -> None:
-        timed.update(times=times, steps=steps)
         args.output.write_text(table(times, steps, {}, None))
 
-    measure_epochs(data_dir, args.rounds, args.epochs, args.compile, args.precision, write_round)
+    times, steps = measure_epochs(data_dir, args.rounds, args.epochs, args.compile, args.precision, write_round)
     peak_mb = template_peak_memory(data_dir)
     presets = {}
     if args.presets is not None:
@@ -231,7 +229,7 @@ def main() -> None:
                 key = f"{name}|{'shipped' if seed is None else seed}"
                 presets[key] = measure_preset(data_dir, name, seed)
                 print(f"preset {key}: {presets[key]}", flush=True)
-    result = table(timed["times"], timed["steps"], presets, peak_mb)
+    result = table(times, steps, presets, peak_mb)
     args.output.write_text(result)
     print(result)
 
