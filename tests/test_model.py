@@ -1,4 +1,5 @@
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -101,52 +102,48 @@ def test_training_metric_agrees_with_torchmetrics():
     assert ours.compute() == {"loss": torch.tensor(1.5), "acc": torch.tensor(0.75)}
 
 
-class HostSyncCounter(pl.Callback):
-    """Counts reads of tensor values on the host between the starts of consecutive training steps."""
+class StepStartCounter(pl.Callback):
+    """Records ``count()`` at the start of each training step: what a step did is the difference to the next."""
 
-    calls = 0
+    count: Callable[[], int]
     per_step: list[int] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        HostSyncCounter.per_step.append(HostSyncCounter.calls)
+        StepStartCounter.per_step.append(StepStartCounter.count())
+
+
+def assert_only_logging_steps_wait(fast_args: list[str], count: Callable[[], int], *args: str) -> None:
+    """Fit 2 epochs of 16 steps, logging every 5 steps, with the NaN guard checking then too (its default on a GPU)
+    and the progress bar on: ``count()`` must not move during a step between logging steps, and must at each."""
+    StepStartCounter.count, StepStartCounter.per_step = count, []
+    cli(["fit", *fast_args, "--trainer.log_every_n_steps", "5", "--nan_guard.check_every_n_steps", "5",
+         "--trainer.enable_progress_bar", "true", "--trainer.callbacks+=tests.test_model.StepStartCounter",
+         "--trainer.limit_val_batches", "0", *args])  # fmt: skip
+    steps = StepStartCounter.per_step
+    assert len(steps) == 32  # 2 epochs of 16 batches
+    waits = dict(enumerate(b - a for a, b in zip(steps, steps[1:], strict=False)))  # training step -> waits
+    del waits[15]  # the epoch boundary: epoch-end metrics and the checkpoint are read there
+    logging = {step for step in waits if (step + 1) % 5 == 0}
+    assert all(waits[step] == 0 for step in waits.keys() - logging), waits
+    # Writing the step curves reads the loss on the host: a count that does not see that wait saw nothing.
+    assert all(waits[step] > 0 for step in logging), waits
 
 
 def test_training_steps_read_no_tensor_on_the_host_between_logging_steps(tmp_path, fast_args, monkeypatch):
     # On CUDA each such read (item, tolist, float(), bool(), .cpu()) waits for the device; between logging steps
     # a training step must make none, so that the data path and the loop run ahead of the GPU. Once a value has been
     # logged, nothing of it may be read again at the later steps (a value shown in the progress bar was, every step).
+    reads = [0]
     for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
         original = getattr(torch.Tensor, name)
 
         def counting(self, *args, _original=original, **kwargs):
-            HostSyncCounter.calls += 1
+            reads[0] += 1
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
-    HostSyncCounter.calls, HostSyncCounter.per_step = 0, []
     monkeypatch.chdir(tmp_path)
-    # Logging every 5 steps, the NaN guard checking then too (its default on a GPU), the progress bar on.
-    cli(["fit", *fast_args, "--trainer.log_every_n_steps", "5", "--nan_guard.check_every_n_steps", "5",
-         "--trainer.enable_progress_bar", "true", "--trainer.callbacks+=tests.test_model.HostSyncCounter",
-         "--trainer.limit_val_batches", "0"])  # fmt: skip
-    steps = HostSyncCounter.per_step
-    assert len(steps) == 32  # 2 epochs of 16 batches
-    reads = dict(enumerate(b - a for a, b in zip(steps, steps[1:], strict=False)))  # training step -> reads
-    del reads[15]  # the epoch boundary: epoch-end metrics and the checkpoint are read there
-    logging = {step for step in reads if (step + 1) % 5 == 0}
-    assert all(reads[step] == 0 for step in reads.keys() - logging), reads
-    assert all(reads[step] > 0 for step in logging), reads
-
-
-class DeviceWaitCounter(pl.Callback):
-    """Counts PyTorch's warnings of a wait for the CUDA device, in ``caught``, at the start of each training step."""
-
-    caught: list[warnings.WarningMessage] = []
-    per_step: list[int] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        waits = sum("synchronizing CUDA operation" in str(w.message) for w in DeviceWaitCounter.caught)
-        DeviceWaitCounter.per_step.append(waits)
+    assert_only_logging_steps_wait(fast_args, lambda: reads[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -155,23 +152,14 @@ def test_on_cuda_training_steps_wait_for_the_device_only_at_logging_steps(tmp_pa
     # The test above sees the host reads made from Python. PyTorch's sync debug mode sees every wait for the device,
     # also those inside an operation (a copy to the host, a data-dependent shape) and from Lightning's own code.
     monkeypatch.chdir(tmp_path)
-    DeviceWaitCounter.per_step = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        DeviceWaitCounter.caught = caught
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            cli(["fit", *fast_args, "--trainer.accelerator", "gpu", "--trainer.precision", precision,
-                 "--trainer.log_every_n_steps", "5", "--nan_guard.check_every_n_steps", "5",
-                 "--trainer.enable_progress_bar", "true", "--trainer.callbacks+=tests.test_model.DeviceWaitCounter",
-                 "--trainer.limit_val_batches", "0"])  # fmt: skip
+            assert_only_logging_steps_wait(
+                fast_args,
+                lambda: sum("synchronizing CUDA operation" in str(w.message) for w in caught),
+                "--trainer.accelerator", "gpu", "--trainer.precision", precision,
+            )  # fmt: skip
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    steps = DeviceWaitCounter.per_step
-    assert len(steps) == 32  # 2 epochs of 16 batches
-    waits = dict(enumerate(b - a for a, b in zip(steps, steps[1:], strict=False)))  # training step -> waits
-    del waits[15]  # the epoch boundary
-    logging = {step for step in waits if (step + 1) % 5 == 0}
-    assert all(waits[step] == 0 for step in waits.keys() - logging), waits
-    # Writing the step curves reads the loss on the host: the debug mode must see that wait, or it saw nothing.
-    assert all(waits[step] > 0 for step in logging), waits
