@@ -23,7 +23,12 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from mnist import runs
-from mnist.callbacks import NonFiniteLossGuard, PredictionCSVWriter, ResumableCheckpoint
+from mnist.callbacks import (
+    NonFiniteLossGuard,
+    PredictionCSVWriter,
+    ResumableCheckpoint,
+    skip_unused_batch_hooks,
+)
 from mnist.checkpoint_io import DurableCheckpointIO
 from mnist.console import quiet_console
 from mnist.data import MNISTDataModule
@@ -192,7 +197,7 @@ class MNISTCLI(LightningCLI):
         # config.yaml configures a progress bar; a command line that turns the bar off means that one too.
         if trainer.get("enable_progress_bar") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-        # The model summary is printed by `before_fit`, not by a callback that would stay in every step's hooks.
+        # The model summary is printed by `before_fit`, without the metric objects Lightning's callback would list.
         self._print_summary = trainer.get("enable_model_summary") is not False and not any(
             isinstance(c, ModelSummary) for c in callbacks
         )
@@ -207,13 +212,16 @@ class MNISTCLI(LightningCLI):
         if self.subcommand == "fit":
             callbacks += [init["resumable"], init["nan_guard"]]
         if self.subcommand == "predict":
-            # Only where it has work: Lightning calls every callback at every hook of every step, ~5 µs each here.
+            # Only where it has work.
             callbacks.append(PredictionCSVWriter())
         plugins = trainer.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(DurableCheckpointIO())
-        return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+        trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+        # All of them, LightningCLI's config saver and the caller's own included.
+        skip_unused_batch_hooks(trainer.callbacks)
+        return trainer
 
     def before_fit(self) -> None:
         if self._print_summary and self.trainer.is_global_zero:

@@ -119,8 +119,8 @@ def run_summary(config, trainer, model) -> dict[str, bool | int | float | str]:
 def print_model_summary(model) -> None:
     """Lightning's model summary table, with only the modules that hold parameters (not the metric objects).
 
-    Printed once before ``fit`` instead of by Lightning's ModelSummary callback, which Lightning would call at
-    every hook of every training step for the rest of the run.
+    Printed once before ``fit`` instead of by Lightning's ModelSummary callback, whose table would also list the ten
+    validation and test metric objects.
     """
     summary = summarize(model, max_depth=1)
     rows = [i for i, n in enumerate(summary.param_nums) if n > 0]
