@@ -18,6 +18,8 @@ from mnist.reporting import log_image
 from mnist.visuals import confusion_matrix_image, digit_grid_image
 
 WORST_SHOWN = 16
+# Training batches the training metric is updated with at once.
+TRAIN_METRIC_BATCHES = 50
 
 
 def sgd(params) -> torch.optim.Optimizer:
@@ -80,11 +82,12 @@ class MNISTClassifier(pl.LightningModule):
         # The model summary runs it through the network to count FLOPs and show the shapes.
         self.example_input_array = torch.zeros(1, *image_shape)
         self.checkpoint_step: int | None = None  # the training step of the checkpoint an evaluation loaded
-        # Training metrics accumulate in one cheap update (see LossAccuracy); validation and test use torchmetrics'
-        # own, one object per stage and quantity, so that each is reset and synced across processes on its own.
-        # The loss is a weighted mean, exact with a smaller last batch and across processes. Accuracy is the share of
-        # right predictions ("micro"), not torchmetrics' default mean over classes.
+        # Training metrics accumulate in one cheap update per TRAIN_METRIC_BATCHES batches (see LossAccuracy);
+        # validation and test use torchmetrics' own, one object per stage and quantity, so that each is reset and
+        # synced across processes on its own. The loss is a weighted mean, exact with a smaller last batch and across
+        # processes. Accuracy is the share of right predictions ("micro"), not torchmetrics' default mean over classes.
         self.train_metrics = LossAccuracy()
+        self._train_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # not yet in train_metrics
         self.val_loss_best = MinMetric()
         self.val_loss_best.persistent(True)  # in checkpoints: a resumed run goes on from the best so far
         for stage in ("val", "test"):
@@ -111,7 +114,10 @@ class MNISTClassifier(pl.LightningModule):
         # Metric objects only accumulate here, with tensor operations and no host sync; they are logged once per
         # epoch, in the `on_*_epoch_end` hooks, since each `self.log` costs about as much as this network's whole step.
         if stage == "train":
-            self.train_metrics.update(loss, logits, y)
+            # Kept for one update of many batches, which costs what an update of one does (mnist.metrics).
+            self._train_batches.append((loss.detach(), logits.detach(), y))
+            if len(self._train_batches) >= TRAIN_METRIC_BATCHES:
+                self._update_train_metrics()
         else:
             getattr(self, f"{stage}_loss").update(loss, weight=y.numel())
             getattr(self, f"{stage}_acc").update(logits, y)
@@ -119,6 +125,11 @@ class MNISTClassifier(pl.LightningModule):
             getattr(self, f"{stage}_confusion").update(logits, y)
             getattr(self, f"{stage}_worst").update(x, y, logits)
         return loss
+
+    def _update_train_metrics(self) -> None:
+        if self._train_batches:
+            self.train_metrics.update(*zip(*self._train_batches, strict=True))
+            self._train_batches.clear()
 
     def _step_axis(self) -> float:
         """The x-axis value for an epoch's values: the training step, or the evaluated checkpoint's."""
@@ -179,10 +190,14 @@ class MNISTClassifier(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, "test")
 
+    def on_train_epoch_start(self) -> None:
+        self._train_batches.clear()  # what an epoch an error cut short left
+
     def on_train_epoch_end(self) -> None:
         # compute() sums the states across processes, so the values are already global and Lightning's own
         # reduction (a mean of equal values) changes nothing; asking for it keeps Lightning from warning, under
         # DDP, that an epoch value was logged unsynced.
+        self._update_train_metrics()
         values = self.train_metrics.compute()
         self.train_metrics.reset()
         # `train/loss` is the epoch's mean, the one comparable to `val/loss` (TensorBoard draws them on one chart).

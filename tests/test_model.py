@@ -10,8 +10,9 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mnist.errors import UserError
+from mnist.loader import BatchLoader
 from mnist.metrics import LossAccuracy
-from mnist.model import MNISTClassifier
+from mnist.model import TRAIN_METRIC_BATCHES, MNISTClassifier
 from mnist.networks import MLP, ConvNet
 from tests.conftest import DATA_INFO
 from tests.conftest import cli_in_process as cli
@@ -86,20 +87,47 @@ def test_checkpoint_of_another_shape_is_refused_in_one_line():
 def test_training_metric_agrees_with_torchmetrics():
     torch.manual_seed(0)
     ours, mean, accuracy = LossAccuracy(), MeanMetric(), MulticlassAccuracy(10, average="micro")
-    for size in (32, 32, 7):  # the smaller last batch must weigh less in both
+    batches = []
+    for size in (32, 7, 32, 32, 7):  # the smaller batches must weigh less in both
         y = torch.randint(0, 10, (size,))
         logits = torch.randn(size, 10) + 2 * F.one_hot(y, 10)  # mostly right, not all
         loss = F.cross_entropy(logits, y, reduction="none")[: size // 2].mean()  # not the batch's own mean
-        ours.update(loss, logits, y)
+        batches.append((loss, logits, y))
         mean.update(loss, weight=size)
         accuracy.update(logits, y)
+    ours.update(*zip(*batches[:2], strict=True))  # in two updates of several batches
+    ours.update(*zip(*batches[2:], strict=True))
     values = ours.compute()
     torch.testing.assert_close(values["loss"], mean.compute())
     torch.testing.assert_close(values["acc"], accuracy.compute())
     assert 0.3 < values["acc"] < 0.95
     ours.reset()
-    ours.update(torch.tensor(1.5), torch.eye(10)[:4], torch.tensor([0, 1, 2, 0]))
+    ours.update([torch.tensor(1.5)], [torch.eye(10)[:4]], [torch.tensor([0, 1, 2, 0])])
     assert ours.compute() == {"loss": torch.tensor(1.5), "acc": torch.tensor(0.75)}
+
+
+@pytest.mark.parametrize("at_once", [3, TRAIN_METRIC_BATCHES])
+def test_the_training_metric_of_an_epoch_counts_each_of_its_batches_once(tmp_path, monkeypatch, at_once):
+    # With a learning rate of 0 the network stays as it starts, so the epoch's values can be computed afterwards.
+    # 10 batches (the last of 5) updated 3 at a time leave one for the epoch's end; 50 at a time, all ten.
+    monkeypatch.setattr("mnist.model.TRAIN_METRIC_BATCHES", at_once)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 293)
+    x = torch.from_numpy(digit_images(labels, rng)).unsqueeze(1).float() / 255  # (N, 28, 28) -> (N, 1, 28, 28)
+    y = torch.from_numpy(labels)
+    model = MNISTClassifier(**DATA_INFO, optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_epochs=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, BatchLoader(x, y, 32))
+    with torch.no_grad():
+        batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 293, 32)]
+        losses = torch.stack([F.cross_entropy(model(bx), by) * len(by) for bx, by in batches])
+        correct = sum((model(bx).argmax(1) == by).sum() for bx, by in batches)
+    torch.testing.assert_close(trainer.callback_metrics["train/loss"], losses.sum() / 293)
+    torch.testing.assert_close(trainer.callback_metrics["train/acc"], correct / 293)
 
 
 class StepStartCounter(pl.Callback):
