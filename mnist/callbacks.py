@@ -38,22 +38,23 @@ def skip_unused_batch_hooks(callbacks: list[pl.Callback]) -> None:
 
 
 class ResumableCheckpoint(pl.Callback):
-    """Saves ``checkpoints/last.ckpt`` every N training steps and when the process is asked to stop.
+    """Keeps ``checkpoints/last.ckpt`` current: every N training steps, at every epoch's end, on a stop signal.
 
-    Ctrl-C (SIGINT) or SIGTERM (sent by schedulers such as SLURM before they kill a job) lets the current step
-    finish (with several processes: the step where they next agree, within ``log_every_n_steps`` steps), saves the
-    checkpoint and ends the command; ``fit --ckpt_path last`` then continues at the next batch.
-    A second Ctrl-C quits at once.
+    At an epoch's end it is saved where the ``checkpoint`` callback (``save_last: true``) did not save it. Ctrl-C
+    (SIGINT) or SIGTERM (sent by schedulers such as SLURM before they kill a job) lets the current step finish (with
+    several processes: the step where they next agree, within ``log_every_n_steps`` steps), saves the checkpoint and
+    ends the command; ``fit --ckpt_path last`` then continues at the next batch. A second Ctrl-C quits at once.
 
     Args:
-        every_n_train_steps: Also save ``last.ckpt`` every this many training steps; 0 saves it only at epoch ends,
-            through the ``checkpoint`` callback. Bounds the work a crash can lose to this many steps.
+        every_n_train_steps: Also save ``last.ckpt`` every this many training steps; 0 saves it only at epoch ends.
+            Bounds the work a crash can lose to this many steps.
     """
 
     def __init__(self, every_n_train_steps: NonNegativeInt = 0) -> None:
         self.every_n_train_steps = every_n_train_steps
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._saved_at_step: int | None = None  # the training step of the last checkpoint written, by any callback
 
     def _on_signal(self, signum: int, frame) -> None:
         if self.signum is not None:  # asked twice: stop now, as Python would have the first time
@@ -102,6 +103,22 @@ class ResumableCheckpoint(pl.Callback):
             path = self._save(trainer)
         if stop:
             raise TrainingInterrupted(self.signum or signal.SIGTERM, path)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._saved_at_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # With a monitor, Lightning 2.6 writes last.ckpt only at a step where it saves the monitored checkpoint, that
+        # is where the monitored value improved: after an epoch that did not improve it, last.ckpt held an older epoch
+        # and `--ckpt_path last` went back to it. This runs after the end of the epoch's validation, where the
+        # checkpoint callback saves; without a validation in the epoch, before it (its save then overwrites this one).
+        callback = trainer.checkpoint_callback
+        if (
+            getattr(callback, "save_last", None) is True
+            and not trainer.fast_dev_run
+            and self._saved_at_step != trainer.global_step
+        ):
+            self._save(trainer)
 
     @staticmethod
     def _save(trainer: pl.Trainer) -> str | None:

@@ -134,6 +134,28 @@ def test_second_fit_opens_a_new_run_and_resume_continues_it(tmp_path, fast_args,
     assert last["epoch"] == 1
 
 
+def test_last_checkpoint_is_the_last_epoch_also_after_epochs_that_did_not_improve(tmp_path, fast_args, monkeypatch):
+    # Monitoring the logged `step` for its minimum makes every epoch after the first one worse. Lightning 2.6 writes
+    # last.ckpt only when the monitored checkpoint improves, which left it at the first epoch.
+    worse = ["--checkpoint.monitor", "step", "--checkpoint.mode", "min"]
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", *fast_args, "--trainer.max_epochs", "3", *worse])
+    checkpoints = tmp_path / RUN / "checkpoints"
+    assert [p.name[:7] for p in checkpoints.glob("epoch*.ckpt")] == ["epoch00"]
+    first = torch.load(next(checkpoints.glob("epoch*.ckpt")), weights_only=True)["global_step"]
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 3 * first)
+    # It resumes exactly: 3 epochs and 1 more end with the weights of 4 in one go.
+    cli(["fit", *fast_args, "--trainer.max_epochs", "4", *worse, "--ckpt_path", "last"])
+    resumed = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    monkeypatch.chdir(tmp_path / "logs")
+    cli(["fit", *fast_args, "--trainer.max_epochs", "4", *worse])
+    whole = torch.load(tmp_path / "logs" / RUN / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == whole["global_step"] == 4 * first
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+
+
 def test_cnn_checkpoint_is_tested_as_a_cnn_without_config(tmp_path, fast_args, mnist_dir, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     cnn = ["--model.network", "mnist.networks.ConvNet", "--model.network.init_args.channels", "[4, 8]",
