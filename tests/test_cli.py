@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchvision.datasets import MNIST
 
 from mnist.networks import MLP
-from tests.conftest import CONFIG, N_TEST, run_main
+from tests.conftest import CONFIG, N_TEST, assert_same_weights, run_main
 from tests.conftest import cli_in_process as cli
 
 RUN = Path("logs") / "lightning_logs" / "version_0"
@@ -152,8 +152,7 @@ def test_last_checkpoint_is_the_last_epoch_also_after_epochs_that_did_not_improv
     cli(["fit", *fast_args, "--trainer.max_epochs", "4", *worse])
     whole = torch.load(tmp_path / "logs" / RUN / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == whole["global_step"] == 4 * first
-    for key, value in whole["state_dict"].items():
-        assert torch.equal(resumed["state_dict"][key], value), key
+    assert_same_weights(resumed["state_dict"], whole["state_dict"])
 
 
 def test_cnn_checkpoint_is_tested_as_a_cnn_without_config(tmp_path, fast_args, mnist_dir, monkeypatch, capsys):

@@ -11,19 +11,13 @@ import pytest
 import torch
 
 from mnist.checkpoint_io import durable_write
-from tests.conftest import CONFIG, ROOT, run_main
+from tests.conftest import CONFIG, ROOT, assert_same_weights, run_main
 
 pytestmark = pytest.mark.slow
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 @pytest.fixture
