@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import yaml
+from PIL import Image
 from torchvision.datasets import FashionMNIST
 
 from tests.conftest import CONFIG, ROOT, RUNS, VAL_SIZE, run_main
@@ -24,7 +25,9 @@ def test_csv_logger_run_is_found_evaluated_and_gets_pictures(tmp_path, fast_args
     run = tmp_path / "csv_logs" / "lightning_logs" / "version_0"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert any(row["val/loss"] for row in rows) and any(row["train/acc"] for row in rows)
-    assert (run / "images" / "val" / "confusion_matrix").glob("step_*.png")
+    (picture,) = (run / "images" / "val" / "confusion_matrix").glob("step_*.png")  # one validation, one picture
+    with Image.open(picture) as image:
+        assert image.mode == "RGB" and min(image.size) > 400
     assert yaml.safe_load((run / "hparams.yaml").read_text())["lr"] == 0.01
     capsys.readouterr()
     # No --config: the checkpoint is found under the run's own logger folder, and its config says where.
