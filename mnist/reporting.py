@@ -20,8 +20,8 @@ from torch.utils.tensorboard.writer import FileWriter
 from mnist.logger import StageTensorBoardLogger
 
 
-def log_image(loggers: Iterable[Logger], tag: str, image: np.ndarray, step: int) -> None:
-    """Log an RGB ``(H, W, 3)`` uint8 picture to every logger that can take one.
+def log_image(loggers: Iterable[Logger], tag: str, image: Image.Image, step: int) -> None:
+    """Log an RGB picture to every logger that can take one.
 
     TensorBoard, W&B and MLflow through their own image APIs; CSVLogger, which has none, as a PNG file beside
     its ``metrics.csv`` (``images/<tag>/step_<step>.png``).
@@ -30,7 +30,7 @@ def log_image(loggers: Iterable[Logger], tag: str, image: np.ndarray, step: int)
         if isinstance(logger, StageTensorBoardLogger):
             logger.log_image(tag, image, step)
         elif isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(tag, image, step, dataformats="HWC")
+            logger.experiment.add_image(tag, np.asarray(image), step, dataformats="HWC")
         elif isinstance(logger, WandbLogger):
             logger.log_image(key=tag, images=[image], step=step)
         elif isinstance(logger, MLFlowLogger):
@@ -38,7 +38,7 @@ def log_image(loggers: Iterable[Logger], tag: str, image: np.ndarray, step: int)
         elif isinstance(logger, CSVLogger):
             path = Path(logger.log_dir) / "images" / tag / f"step_{step:06d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(path)
+            image.save(path)
 
 
 def log_hyperparameters(loggers: Iterable[Logger], params: dict[str, bool | int | float | str]) -> None:

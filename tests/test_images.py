@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mnist.errors import UserError
 from mnist.images import image_files, load_digits, to_mnist
 from mnist.logger import StageTensorBoardLogger
-from mnist.visuals import confusion_matrix_image
+from mnist.visuals import confusion_matrix_image, digit_grid_image
 from tests.conftest import CONFIG
 from tests.conftest import cli_in_process as cli
 
@@ -105,9 +105,30 @@ def test_a_logged_picture_reads_back_pixel_for_pixel(tmp_path):
     events = EventAccumulator(str(tmp_path / "run" / "val"), size_guidance={"images": 0})
     events.Reload()
     (event,) = events.Images("pictures/confusion_matrix")
-    assert event.step == 3 and (event.height, event.width) == picture.shape[:2]
+    assert event.step == 3 and (event.width, event.height) == picture.size
     decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
-    assert decoded.dtype == np.uint8 and np.array_equal(decoded, picture)
+    assert decoded.dtype == np.uint8 and np.array_equal(decoded, np.asarray(picture))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_mistakes_grid_shows_each_digit_scaled_as_pillow_would_with_its_caption(channels):
+    # The grid scales all digits at once in numpy; Pillow's own nearest-neighbour resize of each is the reference.
+    images = torch.rand(6, channels, 28, 28, generator=torch.Generator().manual_seed(0))
+    targets, predictions = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([9, 8, 7, 6, 5, 4])
+    grid = np.asarray(digit_grid_image(images, targets, predictions, torch.full((6,), 0.5), columns=4))
+    tile, caption, side = 112, 38, 104
+    assert grid.shape == (2 * (tile + caption), 4 * tile, 3)
+    for i, image in enumerate(images):
+        pixels = (image.numpy() * 255).astype(np.uint8)
+        picture = Image.fromarray(pixels[0] if channels == 1 else pixels.transpose(1, 2, 0)).convert("RGB")
+        expected = np.asarray(picture.resize((side, side), Image.NEAREST))
+        x, y = (i % 4) * tile, (i // 4) * (tile + caption)
+        assert np.array_equal(grid[y + 4 : y + 4 + side, x + 4 : x + 4 + side], expected), f"digit {i}"
+        captions = grid[y + tile : y + tile + caption, x : x + tile]
+        assert (captions != 255).any(), f"digit {i} has its caption"
+        red = (captions[..., 0] > 150) & (captions[..., 1] < 80)
+        assert red.any(), f"digit {i}'s wrong prediction is captioned in red"
+    assert (grid[tile + caption :, 2 * tile :] == 255).all(), "the slots without a digit stay blank"
 
 
 def test_predict_own_images_writes_the_csv(trained, mnist_dir, tmp_path, capsys):
