@@ -7,7 +7,7 @@
 
 Contenders run in turn, in separate processes, alternating over --rounds so that the shared machine's slow spells
 hit all of them alike. An epoch is training plus validation. It prints a markdown table and writes it to --output
-after every round, so that a run cut short still leaves the rounds it finished.
+after every run, so that a run cut short (a lent GPU's time runs out) still leaves what it measured.
 """
 
 import argparse
@@ -77,11 +77,11 @@ def template_peak_memory(data_dir: Path) -> float:
 
 
 def measure_epochs(
-    data_dir: Path, rounds: int, epochs: int, compile_: bool, precisions: list[str], after_round: Callable[..., None]
+    data_dir: Path, rounds: int, epochs: int, compile_: bool, precisions: list[str], after_run: Callable[..., None]
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Epoch times (s) and quiet training-step times (ms) of every contender, by ``name|batch|precision``.
 
-    ``after_round(times, steps)`` gets those measured so far after each round.
+    ``after_run(times, steps)`` gets those measured so far after each contender's run.
     """
     contenders = [("tutorial", "tutorial", 32, "32-true")]
     for batch in (32, 256):
@@ -119,8 +119,13 @@ def measure_epochs(
                 times.setdefault(key, []).extend(r["seconds"] for r in measured)
                 steps.setdefault(key, []).extend(r["step_ms"] for r in measured)
                 seconds = [round(r["seconds"], 3) for r in records]
-                print(f"round {round_ + 1}/{rounds}: {name} at batch {batch}, {precision}: {seconds}", flush=True)
-        after_round(times, steps)
+                quiet = [round(r["step_ms"], 3) for r in records]
+                print(
+                    f"round {round_ + 1}/{rounds}: {name} at batch {batch}, {precision}: epochs {seconds} s, "
+                    f"quiet steps {quiet} ms",
+                    flush=True,
+                )
+                after_run(times, steps)
     return times, steps
 
 
@@ -217,10 +222,10 @@ def main() -> None:
             "or copy the four uncompressed IDX files there."
         )
 
-    def write_round(times: dict[str, list[float]], steps: dict[str, list[float]]) -> None:
+    def write_table(times: dict[str, list[float]], steps: dict[str, list[float]]) -> None:
         args.output.write_text(table(times, steps, {}, None))
 
-    times, steps = measure_epochs(data_dir, args.rounds, args.epochs, args.compile, args.precision, write_round)
+    times, steps = measure_epochs(data_dir, args.rounds, args.epochs, args.compile, args.precision, write_table)
     peak_mb = template_peak_memory(data_dir)
     presets = {}
     if args.presets is not None:
