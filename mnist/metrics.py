@@ -68,10 +68,12 @@ class WorstMistakes(nn.Module):
         confidence, prediction = logits.softmax(dim=1).max(dim=1)
         # No host sync: right predictions score -1 and lose to any mistake in the top-k.
         score = torch.where(prediction != y, confidence, torch.full_like(confidence, -1.0))
-        images = torch.cat([self.images.to(x.device), x.detach()])
-        scores = torch.cat([self.scores.to(x.device), score])
-        targets = torch.cat([self.targets.to(y.device), y])
-        predictions = torch.cat([self.predictions.to(y.device), prediction])
+        # The batch's own top k first: only those can enter the top k, and the rest of the batch is not copied.
+        best = score.topk(min(self.k, len(score))).indices
+        images = torch.cat([self.images.to(x.device), x.detach()[best]])
+        scores = torch.cat([self.scores.to(x.device), score[best]])
+        targets = torch.cat([self.targets.to(y.device), y[best]])
+        predictions = torch.cat([self.predictions.to(y.device), prediction[best]])
         keep = scores.topk(min(self.k, len(scores))).indices
         self.images, self.scores = images[keep], scores[keep]
         self.targets, self.predictions = targets[keep], predictions[keep]

@@ -1,5 +1,6 @@
 import warnings
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mnist.errors import UserError
 from mnist.loader import BatchLoader
-from mnist.metrics import LossAccuracy
+from mnist.metrics import LossAccuracy, WorstMistakes
 from mnist.model import TRAIN_METRIC_BATCHES, MNISTClassifier
 from mnist.networks import MLP, ConvNet
 from tests.conftest import DATA_INFO
@@ -104,6 +105,30 @@ def test_training_metric_agrees_with_torchmetrics():
     ours.reset()
     ours.update([torch.tensor(1.5)], [torch.eye(10)[:4]], [torch.tensor([0, 1, 2, 0])])
     assert ours.compute() == {"loss": torch.tensor(1.5), "acc": torch.tensor(0.75)}
+
+
+def test_worst_mistakes_are_the_most_confident_wrong_predictions_of_all_batches():
+    torch.manual_seed(0)
+    worst = WorstMistakes(5, (1, 28, 28))
+    single = SimpleNamespace(trainer=SimpleNamespace(world_size=1))
+    xs, ys, all_logits = [], [], []
+    for size in (40, 3, 40, 40):  # a batch smaller than k, too
+        x, y = torch.rand(size, 1, 28, 28), torch.randint(0, 10, (size,))
+        logits = 3 * torch.randn(size, 10) + 2 * F.one_hot(y, 10)
+        worst.update(x, y, logits)
+        xs.append(x), ys.append(y), all_logits.append(logits)
+    x, y, logits = torch.cat(xs), torch.cat(ys), torch.cat(all_logits)
+    confidence, prediction = logits.softmax(1).max(1)
+    wrong = torch.nonzero(prediction != y).flatten()
+    expected = wrong[confidence[wrong].argsort(descending=True)[:5]]  # by brute force over every image
+    images, targets, predictions, confidences = worst.gather(single)
+    assert torch.equal(images, x[expected]) and torch.equal(targets, y[expected])
+    assert torch.equal(predictions, prediction[expected]) and torch.equal(confidences, confidence[expected])
+    worst.reset()
+    right = F.one_hot(torch.tensor([1, 2, 3]), 10).float() * 10
+    worst.update(torch.rand(3, 1, 28, 28), torch.tensor([1, 2, 9]), right)  # one mistake among right predictions
+    images, targets, predictions, _ = worst.gather(single)
+    assert len(images) == 1 and targets.tolist() == [9] and predictions.tolist() == [3]
 
 
 @pytest.mark.parametrize("at_once", [3, TRAIN_METRIC_BATCHES])
