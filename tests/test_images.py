@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist.errors import UserError
 from mnist.images import image_files, load_digits, to_mnist
 from mnist.logger import StageTensorBoardLogger
-from mnist.visuals import confusion_matrix_image, digit_grid_image
+from mnist.visuals import _font, _text, confusion_matrix_image, digit_grid_image
 from tests.conftest import CONFIG
 from tests.conftest import cli_in_process as cli
 
@@ -108,6 +108,31 @@ def test_a_logged_picture_reads_back_pixel_for_pixel(tmp_path):
     assert event.step == 3 and (event.width, event.height) == picture.size
     decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
     assert decoded.dtype == np.uint8 and np.array_equal(decoded, np.asarray(picture))
+
+
+def test_labels_from_the_cache_are_the_pixels_pillow_draws():
+    # Pictures blend cached renderings of their labels; they must look exactly as Pillow's own text.
+    labels = [
+        ("val at step 8600: accuracy 96.90%", 16, "la"),
+        ("4873", 13, "mm"),
+        ("0", 13, "mm"),
+        ("7 - seven", 14, "lm"),
+        ("9", 14, "mb"),
+        ("as 3 - three 97%", 14, "la"),
+        ("Ankle boot…", 14, "lm"),
+    ]
+    pictures = [Image.new("RGB", (300, 40 * len(labels)), (230, 250, 230)) for _ in range(2)]
+    for twice in range(2):  # the second time from the cache
+        for picture, cached in zip(pictures, (False, True), strict=True):
+            draw = ImageDraw.Draw(picture)
+            for i, (text, size, anchor) in enumerate(labels):
+                xy, fill = (150 if anchor[0] == "m" else 10, 40 * i + 20), [(200, 0, 0), "white", "black"][i % 3]
+                if cached:
+                    _text(draw, xy, text, fill, size, anchor)
+                else:
+                    draw.text(xy, text, fill=fill, font=_font(size), anchor=anchor)
+        assert np.array_equal(np.asarray(pictures[0]), np.asarray(pictures[1])), f"drawing {twice + 1}"
+    assert (np.asarray(pictures[1]) != (230, 250, 230)).any(axis=2).sum() > 1000, "the labels were drawn"
 
 
 @pytest.mark.parametrize("channels", [1, 3])
