@@ -6,8 +6,9 @@
     python benchmarks/benchmark.py --data_dir data --compile --precision 32-true bf16-mixed   # on a GPU
 
 Contenders run in turn, in separate processes, alternating over --rounds so that the shared machine's slow spells
-hit all of them alike. An epoch is training plus validation. It prints a markdown table and writes it to --output
-after every run, so that a run cut short (a lent GPU's time runs out) still leaves what it measured.
+hit all of them alike. An epoch is training, validation and the checkpoint saves at its end. It prints a markdown
+table and writes it to --output after every run, so that a run cut short (a lent GPU's time runs out) still leaves
+what it measured.
 """
 
 import argparse
@@ -165,9 +166,9 @@ def table(
     lines = [
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"PyTorch {torch.__version__}, Lightning {pl_version()}, Python {platform.python_version()}, {device_name()}; "
-        "real MNIST. Epoch: training + validation, median over all measured epochs. Quiet step: a training step "
-        "when the machine is quiet: in each epoch the 10th percentile of 50-step windows' mean, the lowest over the "
-        "epochs (slow spells here last minutes, whole runs).",
+        "real MNIST. Epoch: training + validation + checkpoint saves, median over all measured epochs. Quiet step: a "
+        "training step when the machine is quiet: in each epoch the 10th percentile of 50-step windows' mean, the "
+        "lowest over the epochs (slow spells here last minutes, whole runs).",
         "",
         "| contender | batch | precision | epoch (s), median | vs plain loop | vs bare Lightning | quiet step (ms) "
         "| vs bare Lightning | epochs measured |",

@@ -11,9 +11,12 @@ import torch
 class EpochTimer(pl.Callback):
     """Appends ``{"epoch": N, "seconds": S, "cpu_seconds": C, "step_ms": T}`` per training epoch to a JSON-lines file.
 
-    ``cpu_seconds`` is the process's CPU time over the epoch (all its threads): on a shared machine it moves less
-    than the wall time when other tenants take the CPU. ``step_ms`` is a training step's time when the machine is
-    quiet (see ``quiet_step_ms``).
+    An epoch runs from its start to the next one's (or to the end of training): its training steps, its validation
+    and all the work at its end, the checkpoints that Lightning's checkpoint callback saves there included (Lightning
+    calls that callback after all others, so a timer stopped in ``on_train_epoch_end`` would miss them).
+    ``cpu_seconds`` is the process's CPU time over the epoch (all its threads): on a shared machine it moves less than
+    the wall time when other tenants take the CPU. ``step_ms`` is a training step's time when the machine is quiet
+    (see ``quiet_step_ms``).
 
     Args:
         path: The file to append to.
@@ -21,23 +24,30 @@ class EpochTimer(pl.Callback):
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.epoch: int | None = None  # the epoch being timed
         self.start = self.cpu_start = 0.0
         self.step_starts: list[float] = []
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        synchronize(pl_module.device)
-        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self._record(trainer, pl_module)
+        self.epoch, self.start, self.cpu_start = trainer.current_epoch, time.perf_counter(), time.process_time()
         self.step_starts = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         self.step_starts.append(time.perf_counter())
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning runs the epoch's validation before this hook, so it is included.
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer, pl_module)
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the epoch that has just ended, if one is being timed."""
+        if self.epoch is None:
+            return
         synchronize(pl_module.device)
         seconds, cpu_seconds = time.perf_counter() - self.start, time.process_time() - self.cpu_start
         if trainer.is_global_zero:
-            write_record(self.path, trainer.current_epoch, seconds, cpu_seconds, self.step_starts)
+            write_record(self.path, self.epoch, seconds, cpu_seconds, self.step_starts)
+        self.epoch = None
 
 
 def write_record(path: str, epoch: int, seconds: float, cpu_seconds: float, step_starts: list[float]) -> None:

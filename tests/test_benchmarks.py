@@ -4,8 +4,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+import pytorch_lightning as pl
+from pytorch_lightning.demos.boring_classes import BoringModel
 
 from tests.conftest import ROOT
 
@@ -42,6 +45,25 @@ def test_step_calls_counts_what_the_template_adds_per_step(tmp_path, mnist_dir):
     assert calls["bare Lightning"] < calls["template (config.yaml)"]
     assert calls["template, no progress bar"] < calls["template (config.yaml)"]
     assert calls["template, no checkpointing"] < calls["template (config.yaml)"]
+
+
+def test_an_epoch_is_timed_with_the_work_after_its_last_hook(tmp_path, monkeypatch):
+    # Lightning's checkpoint callback saves at an epoch's end after every other callback: the epoch includes it.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from epoch_timer import EpochTimer
+
+    class SlowEpochEnd(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            time.sleep(0.2)
+
+    path = tmp_path / "times.jsonl"
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, logger=False,
+                         callbacks=[EpochTimer(str(path)), SlowEpochEnd()], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(BoringModel())
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(0.2 <= r["seconds"] < 5 for r in records)
 
 
 def test_quiet_step_time_is_not_moved_by_a_slow_spell(monkeypatch):
