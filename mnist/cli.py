@@ -27,6 +27,7 @@ from mnist.callbacks import (
     NonFiniteLossGuard,
     PredictionCSVWriter,
     ResumableCheckpoint,
+    skip_idle_checkpoint_batch_hook,
     skip_unused_batch_hooks,
 )
 from mnist.checkpoint_io import DurableCheckpointIO
@@ -221,6 +222,9 @@ class MNISTCLI(LightningCLI):
         trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
         # All of them, LightningCLI's config saver and the caller's own included.
         skip_unused_batch_hooks(trainer.callbacks)
+        if init["checkpoint"] in trainer.callbacks:
+            saving = self.config[self.subcommand].checkpoint
+            skip_idle_checkpoint_batch_hook(init["checkpoint"], saving.every_n_train_steps, saving.train_time_interval)
         return trainer
 
     def before_fit(self) -> None:

@@ -1,11 +1,17 @@
+import os
+import signal
 import sys
 
+import pytest
 import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.demos.boring_classes import BoringModel
 from pytorch_lightning.profilers import SimpleProfiler
 
-from mnist.callbacks import BATCH_HOOKS, skip_unused_batch_hooks
+from mnist.callbacks import BATCH_HOOKS, NonFiniteLossGuard, ResumableCheckpoint, skip_unused_batch_hooks
 from mnist.cli import MNISTCLI
+from tests.conftest import cli_in_process as cli
 
 STEP_HOOKS = [h for h in BATCH_HOOKS if "_batch_" not in h or h.startswith("on_train_")]
 
@@ -42,17 +48,52 @@ def test_skipped_hooks_leave_the_ones_a_callback_uses_running(tmp_path):
         assert callback.calls == {"on_train_batch_end": 5, "on_after_backward": 5}
 
 
-def test_lightning_calls_the_template_callbacks_only_at_the_step_hooks_they_use(tmp_path, fast_args, monkeypatch):
+def step_hooks_called(tmp_path, monkeypatch, args: list[str]) -> dict[type, set[str]]:
+    """The training-step hooks at which Lightning called each callback of a fit, by the callback's class."""
     # Lightning profiles every callback hook it calls, under "[Callback]<state key>.<hook>".
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["main.py"])
-    cli = MNISTCLI(args=["fit", *fast_args, "--trainer.enable_progress_bar", "true", "--trainer.profiler", "simple"])
+    cli = MNISTCLI(args=["fit", *args, "--trainer.enable_progress_bar", "true", "--trainer.profiler", "simple"])
     assert isinstance(cli.trainer.profiler, SimpleProfiler)
     called = set(cli.trainer.profiler.recorded_durations)
-    names = {type(c).__name__ for c in cli.trainer.callbacks}
-    assert {"TQDMProgressBar", "ModelCheckpoint", "ResumableCheckpoint", "NonFiniteLossGuard"} <= names
-    for callback in cli.trainer.callbacks:
-        uses = {h for h in STEP_HOOKS if getattr(type(callback), h) is not getattr(pl.Callback, h)}
-        hooks = {h for h in STEP_HOOKS if f"[Callback]{callback.state_key}.{h}" in called}
-        assert hooks == uses, type(callback).__name__
-    assert "[Callback]NonFiniteLossGuard.on_train_batch_end" in called
+    return {type(c): {h for h in STEP_HOOKS if f"[Callback]{c.state_key}.{h}" in called} for c in cli.trainer.callbacks}
+
+
+def test_lightning_calls_the_template_callbacks_only_at_the_step_hooks_they_use(tmp_path, fast_args, monkeypatch):
+    called = step_hooks_called(tmp_path, monkeypatch, fast_args)
+    assert {TQDMProgressBar, ModelCheckpoint, ResumableCheckpoint, NonFiniteLossGuard} <= called.keys()
+    # The checkpoints save at epoch ends only, and one process has nothing to agree on: no work at a step.
+    idle = {ModelCheckpoint, ResumableCheckpoint}
+    for kind, hooks in called.items():
+        uses = {h for h in STEP_HOOKS if getattr(kind, h) is not getattr(pl.Callback, h)}
+        assert hooks == (uses - {"on_train_batch_end"} if kind in idle else uses), kind.__name__
+    assert called[NonFiniteLossGuard] == called[TQDMProgressBar] == {"on_train_batch_end"}
+
+
+def test_checkpoints_saving_every_n_steps_are_called_at_every_step(tmp_path, fast_args, monkeypatch):
+    steps = ["--checkpoint.every_n_train_steps", "2", "--resumable.every_n_train_steps", "3"]
+    called = step_hooks_called(tmp_path, monkeypatch, [*fast_args, *steps])
+    assert called[ModelCheckpoint] == called[ResumableCheckpoint] == {"on_train_batch_end"}
+
+
+class SignalAtStep(pl.Callback):
+    """Sends this process a signal when training step ``step`` starts."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_a_signal_switches_the_resumable_checkpoints_step_hook_on(tmp_path, fast_args, monkeypatch, capsys):
+    # Without step saves, Lightning does not call the resumable checkpoint at steps until a stop signal comes.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        cli(["fit", *fast_args, "--trainer.callbacks+=tests.test_callbacks.SignalAtStep",
+             "--trainer.callbacks.step", "5"])  # fmt: skip
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert "Stopped by SIGTERM; checkpoint saved" in capsys.readouterr().err
+    last = torch.load(tmp_path / "logs/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 6, "stopped after the step under way, mid-epoch"
