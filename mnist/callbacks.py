@@ -163,10 +163,12 @@ def last_checkpoint_path(trainer: pl.Trainer) -> Path | None:
 
 
 class NonFiniteLossGuard(pl.Callback):
-    """Stops training at the first NaN or infinite loss, before it reaches a checkpoint.
+    """Stops training at the first NaN or infinite loss or weight, before it reaches a checkpoint.
 
     Lightning would carry on, training and saving a model of NaNs. Checking the loss costs a host sync, which is
-    free on a CPU; on an accelerator, checking every few steps saves that wait at the price of a later stop.
+    free on a CPU; on an accelerator, checking every few steps saves that wait at the price of a later stop. Every
+    checkpoint is checked too: a step's loss says nothing of the update it made, and one that overflowed leaves
+    weights that are not finite, which a checkpoint saved at that step's end would keep as the last good one.
 
     Args:
         check_every_n_steps: Check the loss every this many training steps. By default every step on a CPU, and on
@@ -185,14 +187,25 @@ class NonFiniteLossGuard(pl.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None or math.isfinite(loss.item()):
             return
+        self._stop(trainer, f"the loss is {loss.item()}")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # The parameters, not the whole state dict: a metric's state may rightly be infinite (the best loss so far
+        # starts at inf). Raised before the file is written: the one from before stays (see mnist.checkpoint_io).
+        weights = [p.detach() for p in pl_module.parameters()]
+        if weights and not bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()):  # one host sync
+            self._stop(trainer, "the weights are no longer finite after the last update")
+
+    @staticmethod
+    def _stop(trainer: pl.Trainer, what: str) -> None:
         lrs = sorted({group["lr"] for opt in trainer.optimizers for group in opt.param_groups})
         last = last_checkpoint_path(trainer)
         kept = ""
         if last is not None:
             kept = str(last) if last.is_file() else trainer.checkpoint_callback.best_model_path
         raise UserError(
-            f"training stopped at step {trainer.global_step} (epoch {trainer.current_epoch}): the loss is "
-            f"{loss.item()}. The learning rate ({', '.join(f'{lr:g}' for lr in lrs)}) is probably too high; lower "
+            f"training stopped at step {trainer.global_step} (epoch {trainer.current_epoch}): {what}. The learning "
+            f"rate ({', '.join(f'{lr:g}' for lr in lrs)}) is probably too high; lower "
             "--model.optimizer.init_args.lr. "
             + (f"The last good checkpoint is kept: {kept}" if kept else "No checkpoint was saved before it.")
         )

@@ -97,3 +97,19 @@ def test_a_signal_switches_the_resumable_checkpoints_step_hook_on(tmp_path, fast
     assert "Stopped by SIGTERM; checkpoint saved" in capsys.readouterr().err
     last = torch.load(tmp_path / "logs/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
     assert last["global_step"] == 6, "stopped after the step under way, mid-epoch"
+
+
+def test_a_checkpoint_never_keeps_weights_that_are_not_finite(tmp_path, fast_args, monkeypatch, capsys):
+    # With a checkpoint at every step, the step whose update overflows would save its weights before any loss shows
+    # it; the guard refuses that save, so last.ckpt keeps the step before.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        cli(["fit", *fast_args, "--model.optimizer.init_args.lr", "1e30", "--resumable.every_n_train_steps", "1"])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    last = tmp_path / "logs/lightning_logs/version_0/checkpoints/last.ckpt"
+    assert f"The last good checkpoint is kept: {last.relative_to(tmp_path)}" in err
+    checkpoint = torch.load(last, weights_only=True)
+    weights = {k: t for k, t in checkpoint["state_dict"].items() if k.startswith("network.")}
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
+    assert f"training stopped at step {checkpoint['global_step'] + 1} " in err
