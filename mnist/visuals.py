@@ -106,15 +106,15 @@ def digit_grid_image(
     ys = ((np.arange(side) + 0.5) * height / side).astype(int)
     xs = ((np.arange(side) + 0.5) * width / side).astype(int)
     tiles = pixels[:, :, ys][:, :, :, xs].transpose(0, 2, 3, 1)  # (N, side, side, C)
+    corners = [((i % columns) * tile, (i // columns) * (tile + caption)) for i in range(n)]  # each digit's (x, y)
     canvas = np.full((rows * (tile + caption), columns * tile, 3), 255, dtype=np.uint8)
-    for i, picture in enumerate(tiles):
-        x, y = (i % columns) * tile, (i // columns) * (tile + caption)
+    for (x, y), picture in zip(corners, tiles, strict=True):
         canvas[y + 4 : y + 4 + side, x + 4 : x + 4 + side] = picture  # one channel is spread over R, G and B
     grid = Image.fromarray(canvas)
     draw = ImageDraw.Draw(grid)
-    for i, (t, p, c) in enumerate(zip(targets.tolist(), predictions.tolist(), confidences.tolist(), strict=True)):
+    labels = zip(targets.tolist(), predictions.tolist(), confidences.tolist(), strict=True)
+    for (x, y), (t, p, c) in zip(corners, labels, strict=True):
         true_name, predicted = (class_names[k] if class_names else str(k) for k in (t, p))
-        x, y = (i % columns) * tile, (i // columns) * (tile + caption)
         _text(draw, (x + 4, y + tile), _short(true_name, 14), "black", 14)
         _text(draw, (x + 4, y + tile + 17), f"as {_short(predicted, 9)} {100 * c:.0f}%", (200, 0, 0), 14)
     return grid
