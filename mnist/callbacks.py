@@ -10,7 +10,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.callbacks import BasePredictionWriter, Checkpoint, ModelCheckpoint
 
 from mnist.errors import TrainingInterrupted, UserError
 
@@ -51,24 +51,18 @@ def skip_idle_checkpoint_batch_hook(
         checkpoint.on_train_batch_end = None
 
 
-class ResumableCheckpoint(pl.Callback):
-    """Keeps ``checkpoints/last.ckpt`` current: every N training steps, at every epoch's end, on a stop signal.
+class StopOnSignal(pl.Callback):
+    """Ends a fit after the step under way on Ctrl-C (SIGINT) or SIGTERM (sent by schedulers such as SLURM).
 
-    At an epoch's end it is saved where the ``checkpoint`` callback (``save_last: true``) did not save it. Ctrl-C
-    (SIGINT) or SIGTERM (sent by schedulers such as SLURM before they kill a job) lets the current step finish (with
-    several processes: the step where they next agree, within ``log_every_n_steps`` steps), saves the checkpoint and
-    ends the command; ``fit --ckpt_path last`` then continues at the next batch. A second Ctrl-C quits at once.
-
-    Args:
-        every_n_train_steps: Also save ``last.ckpt`` every this many training steps; 0 saves it only at epoch ends.
-            Bounds the work a crash can lose to this many steps.
+    With several processes they stop at the step where they next agree, within ``log_every_n_steps`` steps. The command
+    then ends with ``TrainingInterrupted``; a second Ctrl-C quits at once. Used as it is when checkpointing is off.
     """
 
-    def __init__(self, every_n_train_steps: NonNegativeInt = 0) -> None:
-        self.every_n_train_steps = every_n_train_steps
+    every_n_train_steps = 0  # steps with work even without a signal: none here
+
+    def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
-        self._saved_at_step: int | None = None  # the training step of the last checkpoint written, by any callback
 
     def _on_signal(self, signum: int, frame) -> None:
         if self.signum is not None:  # asked twice: stop now, as Python would have the first time
@@ -77,10 +71,11 @@ class ResumableCheckpoint(pl.Callback):
         self.signum = signum
         self._call_at_every_step()  # to stop after the step under way
         print(
-            f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then stopping "
-            "(Ctrl-C again to quit at once)",
+            f"\n{signal.Signals(signum).name} received: {self._stopping}, then stopping (Ctrl-C again to quit at once)",
             file=sys.stderr,
         )
+
+    _stopping = "finishing this step"
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.signum = None
@@ -127,25 +122,50 @@ class ResumableCheckpoint(pl.Callback):
         if stop:
             raise TrainingInterrupted(self.signum or signal.SIGTERM, path)
 
+    def _save(self, trainer: pl.Trainer) -> str | None:
+        return None  # nothing to save: checkpointing is off
+
+
+class ResumableCheckpoint(StopOnSignal, Checkpoint):
+    """Keeps ``checkpoints/last.ckpt`` current: every N training steps, at every epoch's end, on a stop signal.
+
+    At an epoch's end it is saved where the ``checkpoint`` callback (``save_last: true``) did not save it. Ctrl-C
+    (SIGINT) or SIGTERM lets the current step finish, saves the checkpoint and ends the command (``StopOnSignal``);
+    ``fit --ckpt_path last`` then continues at the next batch.
+
+    Lightning calls checkpoint callbacks (subclasses of ``Checkpoint``) after all others and after the model's own
+    epoch-end hook, in the order given: this one comes after the ``checkpoint`` callback, and so knows whether that
+    one has just written last.ckpt.
+
+    Args:
+        every_n_train_steps: Also save ``last.ckpt`` every this many training steps; 0 saves it only at epoch ends.
+            Bounds the work a crash can lose to this many steps.
+    """
+
+    _stopping = "saving a checkpoint after this step"
+
+    def __init__(self, every_n_train_steps: NonNegativeInt = 0) -> None:
+        super().__init__()
+        self.every_n_train_steps = every_n_train_steps
+        self._saved_at_step: int | None = None  # the training step of the last checkpoint written, by any callback
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self._saved_at_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # With a monitor, Lightning 2.6 writes last.ckpt only at a step where it saves the monitored checkpoint, that
         # is where the monitored value improved: after an epoch that did not improve it, last.ckpt held an older epoch
-        # and `--ckpt_path last` went back to it. Lightning calls the checkpoint callback's own epoch-end save after
-        # this hook (after validation only when it validates several times an epoch), so at an epoch that improves
-        # last.ckpt is written twice, the checkpoint callback's copy last (~5 ms more an epoch for the MLP).
-        callback = trainer.checkpoint_callback
+        # and `--ckpt_path last` went back to it.
+        callback = model_checkpoint(trainer)
         if (
-            getattr(callback, "save_last", None) is True
+            callback is not None
+            and callback.save_last is True
             and not trainer.fast_dev_run
             and self._saved_at_step != trainer.global_step
         ):
             self._save(trainer)
 
-    @staticmethod
-    def _save(trainer: pl.Trainer) -> str | None:
+    def _save(self, trainer: pl.Trainer) -> str | None:
         # The checkpoint callback's own last.ckpt (it has no version counter in this project): overwritten.
         path = last_checkpoint_path(trainer)
         if path is None:
@@ -154,9 +174,14 @@ class ResumableCheckpoint(pl.Callback):
         return str(path)
 
 
+def model_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
+    """The run's first ModelCheckpoint: ``trainer.checkpoint_callback`` is the first of any kind of checkpoint."""
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+
+
 def last_checkpoint_path(trainer: pl.Trainer) -> Path | None:
     """Where the run's ModelCheckpoint keeps ``last.ckpt``; None without checkpointing."""
-    callback = trainer.checkpoint_callback
+    callback = model_checkpoint(trainer)
     if callback is None or callback.dirpath is None:
         return None
     return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
@@ -202,7 +227,7 @@ class NonFiniteLossGuard(pl.Callback):
         last = last_checkpoint_path(trainer)
         kept = ""
         if last is not None:
-            kept = str(last) if last.is_file() else trainer.checkpoint_callback.best_model_path
+            kept = str(last) if last.is_file() else model_checkpoint(trainer).best_model_path
         raise UserError(
             f"training stopped at step {trainer.global_step} (epoch {trainer.current_epoch}): {what}. The learning "
             f"rate ({', '.join(f'{lr:g}' for lr in lrs)}) is probably too high; lower "

@@ -27,6 +27,8 @@ from mnist.callbacks import (
     NonFiniteLossGuard,
     PredictionCSVWriter,
     ResumableCheckpoint,
+    StopOnSignal,
+    model_checkpoint,
     skip_idle_checkpoint_batch_hook,
     skip_unused_batch_hooks,
 )
@@ -207,11 +209,13 @@ class MNISTCLI(LightningCLI):
         if trainer.get("logger") in (None, True):
             # Lightning's default logger, laid out for reading at a glance (mnist/logger.py).
             kwargs.setdefault("logger", StageTensorBoardLogger(save_dir=trainer.get("default_root_dir") or "."))
-        if trainer.get("enable_checkpointing") is not False:
+        checkpointing = trainer.get("enable_checkpointing") is not False
+        if checkpointing:
             # Also when evaluating: Lightning warns when a checkpoint's callbacks are missing.
             callbacks.append(init["checkpoint"])
         if self.subcommand == "fit":
-            callbacks += [init["resumable"], init["nan_guard"]]
+            # Lightning refuses checkpoint callbacks with checkpointing off; a stop signal still stops cleanly.
+            callbacks += [init["resumable"] if checkpointing else StopOnSignal(), init["nan_guard"]]
         if self.subcommand == "predict":
             # Only where it has work.
             callbacks.append(PredictionCSVWriter())
@@ -252,7 +256,7 @@ class MNISTCLI(LightningCLI):
         log_dir = self.trainer.logger.log_dir if self.trainer.logger is not None else None
         if not self.trainer.is_global_zero:
             return
-        callback = self.trainer.checkpoint_callback
+        callback = model_checkpoint(self.trainer)
         if stage == "fit" and callback is not None and callback.best_model_path:
             score = callback.best_model_score
             best = f" ({callback.monitor} {score:.4f})" if score is not None and callback.monitor else ""

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import yaml
 
+from mnist.callbacks import model_checkpoint
 from mnist.cli import MNISTCLI
 from mnist.data import MNISTDataModule
 from mnist.errors import TrainingInterrupted, UserError, exit_with_message
@@ -199,9 +200,11 @@ class Sweep:
                 config = run_dir / "config.yaml"
                 if config.is_file():
                     trial.set_user_attr("config", config.read_text())
-                checkpoint = cli.trainer.checkpoint_callback
+                checkpoint = model_checkpoint(cli.trainer)
                 if self.opts.test and checkpoint is not None and checkpoint.best_model_path:
-                    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+                    # The path, not "best": Lightning warns when a run has more than one checkpoint callback.
+                    best = checkpoint.best_model_path
+                    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)
                     for name, value in results[0].items():
                         if name.startswith("test/"):
                             trial.set_user_attr(name, float(value))

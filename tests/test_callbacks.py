@@ -9,7 +9,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.demos.boring_classes import BoringModel
 from pytorch_lightning.profilers import SimpleProfiler
 
+from mnist import checkpoint_io
 from mnist.callbacks import BATCH_HOOKS, NonFiniteLossGuard, ResumableCheckpoint, skip_unused_batch_hooks
+from mnist.checkpoint_io import durable_write
 from mnist.cli import MNISTCLI
 from tests.conftest import cli_in_process as cli
 
@@ -97,6 +99,31 @@ def test_a_signal_switches_the_resumable_checkpoints_step_hook_on(tmp_path, fast
     assert "Stopped by SIGTERM; checkpoint saved" in capsys.readouterr().err
     last = torch.load(tmp_path / "logs/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
     assert last["global_step"] == 6, "stopped after the step under way, mid-epoch"
+
+
+def test_a_signal_stops_cleanly_with_checkpointing_off(tmp_path, fast_args, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        cli(["fit", *fast_args, "--trainer.enable_checkpointing", "false",
+             "--trainer.callbacks+=tests.test_callbacks.SignalAtStep", "--trainer.callbacks.step", "5"])  # fmt: skip
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert "Stopped by SIGTERM; checkpointing is off, nothing saved" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_an_improving_epoch_writes_last_ckpt_once_after_the_best(tmp_path, fast_args, monkeypatch):
+    # The logged step grows, so with mode max every epoch improves and the checkpoint callback writes the best and
+    # last.ckpt; the resumable checkpoint, called after it, must not write last.ckpt again.
+    written = []
+
+    def recording_write(path, data):
+        written.append(path.name)
+        durable_write(path, data)
+
+    monkeypatch.setattr(checkpoint_io, "durable_write", recording_write)
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", *fast_args, "--trainer.max_epochs", "2", "--checkpoint.monitor", "step", "--checkpoint.mode", "max"])
+    assert [name[:7] for name in written] == ["epoch00", "last.ck", "epoch01", "last.ck"]
 
 
 def test_a_checkpoint_never_keeps_weights_that_are_not_finite(tmp_path, fast_args, monkeypatch, capsys):
