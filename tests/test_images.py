@@ -9,7 +9,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+from tensorboard.summary.writer import record_writer
 
+from mnist.crc32c import CHUNK, SMALL, masked_crc32c
 from mnist.errors import UserError
 from mnist.images import image_files, load_digits, to_mnist
 from mnist.logger import StageTensorBoardLogger
@@ -108,6 +111,17 @@ def test_a_logged_picture_reads_back_pixel_for_pixel(tmp_path):
     assert event.step == 3 and (event.width, event.height) == picture.size
     decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
     assert decoded.dtype == np.uint8 and np.array_equal(decoded, np.asarray(picture))
+    assert len(event.encoded_image_string) > SMALL, "checksummed by mnist.crc32c's numpy path"
+
+
+def test_event_records_carry_the_checksums_tensorboard_computes():
+    # The logger puts mnist.crc32c in place of tensorboard's pure-Python checksum. TensorBoard's reader checks every
+    # record with its own and stops reading a file at the first mismatch.
+    assert record_writer.masked_crc32c is masked_crc32c
+    rng = np.random.default_rng(0)
+    for n in (0, 3, 4, 5, SMALL - 1, SMALL, SMALL + 1, SMALL + CHUNK - 1, 70_001):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert masked_crc32c(data) == pywrap_tensorflow.masked_crc32c(data), n
 
 
 def test_labels_from_the_cache_are_the_pixels_pillow_draws():
