@@ -12,6 +12,8 @@ Other loggers (CSV, W&B, MLflow) get the metric names unchanged.
 """
 
 import io
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +46,16 @@ class StageTensorBoardLogger(TensorBoardLogger):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._stage_writers: dict[str, FileWriter] = {}
+        self._writers_lock = threading.Lock()  # the pictures' thread opens writers too
+        self._pictures: ThreadPoolExecutor | None = None
+        self._pictures_pending: list[Future] = []
 
     def stage_writer(self, stage: str) -> FileWriter:
         """The event writer of the run ``<version>/<stage>``, opened on first use."""
-        if stage not in self._stage_writers:
-            self._stage_writers[stage] = FileWriter(str(Path(self.log_dir) / stage))
-        return self._stage_writers[stage]
+        with self._writers_lock:
+            if stage not in self._stage_writers:
+                self._stage_writers[stage] = FileWriter(str(Path(self.log_dir) / stage))
+            return self._stage_writers[stage]
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float | torch.Tensor], step: int | None = None) -> None:
@@ -66,25 +72,55 @@ class StageTensorBoardLogger(TensorBoardLogger):
 
     @rank_zero_only
     def log_image(self, key: str, image: Image.Image, step: int) -> None:
-        """Log an RGB picture ``stage/name`` as ``pictures/name`` of the stage's run."""
+        """Log an RGB picture ``stage/name`` as ``pictures/name`` of the stage's run.
+
+        The picture is encoded and written on a thread of its own, in the order logged: Pillow's PNG encoder lets go of
+        the GIL, so training goes on meanwhile (~7 ms a validation for the MLP on a CPU). ``finalize`` waits for it; an
+        error there is raised by the next ``log_image`` or by ``finalize``.
+        """
+        self._raise_picture_errors(wait=False)
+        if self._pictures is None:
+            self._pictures = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorboard-pictures")
+        self._pictures_pending.append(self._pictures.submit(self._write_image, key, image, step))
+
+    def _write_image(self, key: str, image: Image.Image, step: int) -> None:
         stage, _, name = key.partition("/")
         if not name:
             self.experiment.add_image(key, np.asarray(image), step, dataformats="HWC")
         else:
             self.stage_writer(stage).add_summary(png_summary(f"pictures/{name}", image), step)
 
+    def _raise_picture_errors(self, wait: bool) -> None:
+        """Raise the first error of the pictures written so far; with ``wait``, wait for all of them first."""
+        if wait and self._pictures is not None:
+            self._pictures.shutdown(wait=True)
+            self._pictures = None
+        done = [f for f in self._pictures_pending if f.done()]
+        self._pictures_pending = [f for f in self._pictures_pending if not f.done()]
+        for future in done:
+            future.result()
+
     @rank_zero_only
     def save(self) -> None:
         super().save()
-        for writer in self._stage_writers.values():
+        with self._writers_lock:
+            writers = list(self._stage_writers.values())
+        for writer in writers:
             writer.flush()
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        super().finalize(status)
-        for writer in self._stage_writers.values():
-            writer.close()
-        self._stage_writers.clear()
+        try:
+            self._raise_picture_errors(wait=True)
+        except Exception:
+            if status == "success":  # after a failure, the error that ended the run is the one to see
+                raise
+        finally:
+            super().finalize(status)
+            with self._writers_lock:
+                for writer in self._stage_writers.values():
+                    writer.close()
+                self._stage_writers.clear()
 
 
 def png_summary(tag: str, image: Image.Image) -> Summary:

@@ -114,6 +114,18 @@ def test_a_logged_picture_reads_back_pixel_for_pixel(tmp_path):
     assert len(event.encoded_image_string) > SMALL, "checksummed by mnist.crc32c's numpy path"
 
 
+def test_pictures_written_on_their_thread_arrive_in_order_and_errors_are_raised(tmp_path):
+    logger = StageTensorBoardLogger(save_dir=tmp_path, name="", version="run")
+    for step in (1, 2, 3):
+        logger.log_image("val/confusion_matrix", confusion_matrix_image(torch.eye(2) * step, f"{step}"), step=step)
+    logger.log_image("val/confusion_matrix", Image.new("F", (4, 4)), step=4)  # PNG has no 32-bit float pixels
+    with pytest.raises(OSError, match="cannot write mode F as PNG"):
+        logger.finalize("success")
+    events = EventAccumulator(str(tmp_path / "run" / "val"), size_guidance={"images": 0})
+    events.Reload()
+    assert [event.step for event in events.Images("pictures/confusion_matrix")] == [1, 2, 3]
+
+
 def test_event_records_carry_the_checksums_tensorboard_computes():
     # The logger puts mnist.crc32c in place of tensorboard's pure-Python checksum. TensorBoard's reader checks every
     # record with its own and stops reading a file at the first mismatch.
