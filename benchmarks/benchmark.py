@@ -79,8 +79,8 @@ def template_peak_memory(data_dir: Path) -> float:
 
 def measure_epochs(
     data_dir: Path, rounds: int, epochs: int, compile_: bool, precisions: list[str], after_run: Callable[..., None]
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Epoch times (s) and quiet training-step times (ms) of every contender, by ``name|batch|precision``.
+) -> tuple[dict[str, list[list[float]]], dict[str, list[float]]]:
+    """Epoch times (s), run by run, and quiet training-step times (ms) of every contender, by ``name|batch|precision``.
 
     ``after_run(times, steps)`` gets those measured so far after each contender's run.
     """
@@ -94,7 +94,7 @@ def measure_epochs(
             ]
             if compile_:
                 contenders.append(("template, compiled", "compiled", batch, precision))
-    times: dict[str, list[float]] = {}
+    times: dict[str, list[list[float]]] = {}  # one list per run, the runs in round order
     steps: dict[str, list[float]] = {}
     for round_ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +117,7 @@ def measure_epochs(
                 records = epoch_records(timer)
                 measured = records if kind == "tutorial" else records[1:]
                 key = f"{name}|{batch}|{precision}"
-                times.setdefault(key, []).extend(r["seconds"] for r in measured)
+                times.setdefault(key, []).append([r["seconds"] for r in measured])
                 steps.setdefault(key, []).extend(r["step_ms"] for r in measured)
                 seconds = [round(r["seconds"], 3) for r in records]
                 quiet = [round(r["step_ms"], 3) for r in records]
@@ -156,8 +156,18 @@ def ratio(value: float, reference: float) -> str:
     return "–" if math.isnan(reference) else f"{value / reference:.2f} ×"
 
 
+def paired_ratio(runs: list[list[float]], reference: list[list[float]]) -> float:
+    """The median over rounds of one round's epoch median over the reference's in the same round.
+
+    The template runs right before or after bare Lightning in every round: a slow spell of the machine that lasts a
+    few minutes slows both runs of a round alike, and drops out of their ratio.
+    """
+    pairs = [statistics.median(a) / statistics.median(b) for a, b in zip(runs, reference, strict=False)]
+    return statistics.median(pairs) if pairs else math.nan
+
+
 def table(
-    times: dict[str, list[float]],
+    times: dict[str, list[list[float]]],
     steps: dict[str, list[float]],
     presets: dict[str, dict[str, float]],
     peak_mb: float | None,
@@ -166,25 +176,34 @@ def table(
     lines = [
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"PyTorch {torch.__version__}, Lightning {pl_version()}, Python {platform.python_version()}, {device_name()}; "
-        "real MNIST. Epoch: training + validation + checkpoint saves, median over all measured epochs. Quiet step: a "
+        "real MNIST. Epoch: training + validation + checkpoint saves, median over all measured epochs; paired: the "
+        "median over rounds of the ratio within a round, where the two ran one after the other. Quiet step: a "
         "training step when the machine is quiet: in each epoch the 10th percentile of 50-step windows' mean, the "
         "lowest over the epochs (slow spells here last minutes, whole runs).",
         "",
-        "| contender | batch | precision | epoch (s), median | vs plain loop | vs bare Lightning | quiet step (ms) "
-        "| vs bare Lightning | epochs measured |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| contender | batch | precision | epoch (s), median | vs plain loop | vs bare Lightning | vs bare Lightning, "
+        "paired | quiet step (ms) | vs bare Lightning | epochs measured |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+
+    def median(key: str) -> float:
+        epochs = [t for run_ in times.get(key, []) for t in run_]
+        return statistics.median(epochs) if epochs else math.nan
+
     for key in times:
         name, batch, precision = key.split("|")
-        epoch, step = statistics.median(times[key]), min(steps[key])
+        epoch, step = median(key), min(steps[key])
         same = f"{batch}|{precision}"
         # The tutorial runs at 32-true only: with --precision bf16-mixed alone it has nothing to be compared with.
-        plain = ratio(epoch, statistics.median(times.get(f"plain loop|{same}", [math.nan])))
-        bare = ratio(epoch, statistics.median(times.get(f"bare Lightning|{same}", [math.nan])))
+        plain = ratio(epoch, median(f"plain loop|{same}"))
+        bare = ratio(epoch, median(f"bare Lightning|{same}"))
+        paired = paired_ratio(times[key], times.get(f"bare Lightning|{same}", []))
+        paired = "–" if math.isnan(paired) else f"{paired:.2f} ×"
         bare_step = ratio(step, min(steps.get(f"bare Lightning|{same}", [math.nan])))
+        epochs = sum(len(run_) for run_ in times[key])
         lines.append(
-            f"| {name} | {batch} | {precision} | {epoch:.2f} | {plain} | {bare} | {step:.3f} | {bare_step} "
-            f"| {len(times[key])} |"
+            f"| {name} | {batch} | {precision} | {epoch:.2f} | {plain} | {bare} | {paired} | {step:.3f} | {bare_step} "
+            f"| {epochs} |"
         )
     if peak_mb is not None:
         lines += ["", f"Peak memory of a `fit` with config.yaml: {peak_mb:.0f} MB."]
@@ -223,7 +242,7 @@ def main() -> None:
             "or copy the four uncompressed IDX files there."
         )
 
-    def write_table(times: dict[str, list[float]], steps: dict[str, list[float]]) -> None:
+    def write_table(times: dict[str, list[list[float]]], steps: dict[str, list[float]]) -> None:
         args.output.write_text(table(times, steps, {}, None))
 
     times, steps = measure_epochs(data_dir, args.rounds, args.epochs, args.compile, args.precision, write_table)

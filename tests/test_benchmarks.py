@@ -83,19 +83,28 @@ def test_benchmark_table_compares_at_the_same_batch_and_precision_only(monkeypat
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from benchmark import table
 
-    def rows(times: dict[str, list[float]], steps: dict[str, list[float]]) -> dict[tuple[str, ...], list[str]]:
-        """(contender, batch, precision) -> epoch, vs plain loop, vs bare Lightning, quiet step, vs bare, epochs."""
+    def rows(times: dict[str, list[list[float]]], steps: dict[str, list[float]]) -> dict[tuple[str, ...], list[str]]:
+        """(contender, batch, precision) -> epoch, vs plain loop, vs bare, paired, quiet step, vs bare, epochs."""
         lines = [line.split("|")[1:-1] for line in table(times, steps, {}, None).splitlines() if line.startswith("| ")]
         return {tuple(c.strip() for c in cells[:3]): [c.strip() for c in cells[3:]] for cells in lines[2:]}
 
-    times = {"bare Lightning|32|32-true": [2.0, 2.2], "template|32|32-true": [2.4, 2.6],
-             "bare Lightning|32|bf16-mixed": [3.0], "template|32|bf16-mixed": [3.3]}  # fmt: skip
+    times = {"bare Lightning|32|32-true": [[2.0, 2.2]], "template|32|32-true": [[2.4, 2.6]],
+             "bare Lightning|32|bf16-mixed": [[3.0]], "template|32|bf16-mixed": [[3.3]]}  # fmt: skip
     steps = {"bare Lightning|32|32-true": [1.0, 1.1], "template|32|32-true": [1.2, 1.3],
              "bare Lightning|32|bf16-mixed": [2.0], "template|32|bf16-mixed": [2.4]}  # fmt: skip
     measured = rows(times, steps)
-    assert measured[("template", "32", "32-true")] == ["2.50", "–", "1.19 ×", "1.200", "1.20 ×", "2"]
-    assert measured[("template", "32", "bf16-mixed")] == ["3.30", "–", "1.10 ×", "2.400", "1.20 ×", "1"]
+    assert measured[("template", "32", "32-true")] == ["2.50", "–", "1.19 ×", "1.19 ×", "1.200", "1.20 ×", "2"]
+    assert measured[("template", "32", "bf16-mixed")] == ["3.30", "–", "1.10 ×", "1.10 ×", "2.400", "1.20 ×", "1"]
     # The tutorial runs at 32-true only: with bf16-mixed alone timed, no ratio rather than one across precisions.
-    measured = rows({"tutorial|32|32-true": [8.0], "bare Lightning|32|bf16-mixed": [3.0]},
+    measured = rows({"tutorial|32|32-true": [[8.0]], "bare Lightning|32|bf16-mixed": [[3.0]]},
                     {"tutorial|32|32-true": [3.0], "bare Lightning|32|bf16-mixed": [2.0]})  # fmt: skip
-    assert measured[("tutorial", "32", "32-true")] == ["8.00", "–", "–", "3.000", "–", "1"]
+    assert measured[("tutorial", "32", "32-true")] == ["8.00", "–", "–", "–", "3.000", "–", "1"]
+
+
+def test_paired_ratio_is_not_moved_by_a_slow_spell_in_one_round(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from benchmark import paired_ratio
+
+    # Three rounds; a slow spell doubles the template's run in round 2 and both runs in round 3.
+    bare, template = [[2.0], [2.0], [4.0]], [[2.2], [4.4], [4.4]]
+    assert paired_ratio(template, bare) == pytest.approx(1.1)  # the pooled medians would say 4.4 / 2.0
