@@ -57,8 +57,10 @@ def check_idx_file(path: Path, type_and_ndim: int, item_shape: tuple[int, ...]) 
 class MNISTDataModule(pl.LightningDataModule):
     """MNIST: 60,000 training images split into training and validation sets, and 10,000 test images.
 
-    Batches hold pixels in [0, 1], ``(B, 1, 28, 28)``; the model normalises them with this data module's ``mean``
-    and ``std``, so that an exported or served model takes raw pixels.
+    ``load`` gives pixels in [0, 1]; the batches hold them normalised with this data module's ``mean`` and ``std``,
+    ``(B, 1, 28, 28)``, computed once in memory rather than for every batch (``normalized_with`` says so to the model).
+    The model's own ``forward`` takes pixels in [0, 1] and normalises them, so that an exported or served model takes
+    raw pixels.
 
     Args:
         data_dir: Folder holding ``<Dataset>/raw/`` (``MNIST/raw/`` here; created when downloading).
@@ -97,6 +99,8 @@ class MNISTDataModule(pl.LightningDataModule):
         self.val_images = self.val_labels = None
         self.test_images = self.test_labels = None
         self.predict_paths: list[Path] = []
+        # The (mean, std) the batches are normalised with: the model then feeds them to its network as they are.
+        self.normalized_with: tuple[float, float] | None = (self.mean, self.std)
 
     @property
     def class_names(self) -> list[str]:
@@ -174,7 +178,7 @@ class MNISTDataModule(pl.LightningDataModule):
             images, self.predict_paths, skipped = load_digits(image_files(Path(self.hparams.predict_path)))
             for line in skipped:
                 print(line, file=sys.stderr)
-            self.test_images = images
+            self.test_images = self._normalised(images)
             self.test_labels = torch.full((len(images),), -1)  # unknown
             return
         if stage in ("fit", "validate") and self.train_images is None:
@@ -191,10 +195,17 @@ class MNISTDataModule(pl.LightningDataModule):
             )
             train_idx = torch.tensor(train.indices, device=labels.device)
             val_idx = torch.tensor(val.indices, device=labels.device)
-            self.train_images, self.train_labels = images[train_idx], labels[train_idx]
-            self.val_images, self.val_labels = images[val_idx], labels[val_idx]
+            # Indexing copies: normalised in place, with no third copy of the data.
+            self.train_images, self.train_labels = self._normalised(images[train_idx], copy=False), labels[train_idx]
+            self.val_images, self.val_labels = self._normalised(images[val_idx], copy=False), labels[val_idx]
         if stage in ("test", "predict") and self.test_images is None:
-            self.test_images, self.test_labels = self._load_to_device(train=False)
+            images, self.test_labels = self._load_to_device(train=False)
+            self.test_images = self._normalised(images)
+
+    def _normalised(self, pixels: torch.Tensor, copy: bool = True) -> torch.Tensor:
+        """Pixels in [0, 1] normalised with ``mean`` and ``std``; in place unless ``copy``."""
+        mean, std = self.normalized_with
+        return pixels.sub(mean).div_(std) if copy else pixels.sub_(mean).div_(std)
 
     def _distributed(self) -> tuple[int, int]:
         if self.trainer is None:

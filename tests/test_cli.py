@@ -1,6 +1,7 @@
 """End to end: the real config.yaml through main.py, on synthetic MNIST, shortened with small limits."""
 
 import csv
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.datasets import MNIST
 
+from mnist.cli import MNISTCLI
 from mnist.networks import MLP
 from tests.conftest import CONFIG, N_TEST, assert_same_weights, run_main
 from tests.conftest import cli_in_process as cli
@@ -173,6 +175,19 @@ def test_optimizer_is_chosen_on_the_command_line_and_saved(tmp_path, fast_args, 
     saved = last["hyper_parameters"]["optimizer"]
     assert saved["class_path"] == "torch.optim.Adam" and saved["init_args"]["lr"] == 0.002
     assert last["optimizer_states"][0]["param_groups"][0]["lr"] == 0.002
+
+
+def test_a_fit_feeds_the_network_what_forward_gives_it_for_the_same_pixels(tmp_path, fast_args, monkeypatch):
+    # The data module normalises its images once in memory; the model must not normalise its batches again, and its
+    # forward (exports, the server) must do what the data module did.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+    run = MNISTCLI(args=["fit", *fast_args, "--trainer.max_epochs", "1"])
+    model, data = run.model, run.datamodule
+    assert model.batches_normalized_with == (data.mean, data.std) == (model.hparams.mean, model.hparams.std)
+    data.setup("test")
+    (batch, _), (pixels, _) = next(iter(data.test_dataloader())), data.load(train=False)
+    torch.testing.assert_close(model.network(model._network_input(batch)), model(pixels[: len(batch)]))
 
 
 def test_help_shows_the_docstrings(capsys):

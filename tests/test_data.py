@@ -30,11 +30,13 @@ def test_split_sizes_shapes_and_dtypes(mnist_dir):
 
 
 def test_in_memory_batches_equal_torchvision_per_sample_path(mnist_dir):
-    """The fast path serves exactly what ToTensor on each torchvision sample gives (the model normalises)."""
+    """The fast path serves what ToTensor and Normalize on each torchvision sample give, normalised once in memory."""
     data = make_data(mnist_dir)
-    reference = MNIST(str(mnist_dir), train=False, transform=transforms.ToTensor())
+    normalize = transforms.Normalize((MNISTDataModule.mean,), (MNISTDataModule.std,))
+    reference = MNIST(str(mnist_dir), train=False, transform=transforms.Compose([transforms.ToTensor(), normalize]))
     images, labels = zip(*(reference[i] for i in range(len(reference))), strict=True)
     x, y = zip(*data.test_dataloader(), strict=True)
+    assert data.normalized_with == (MNISTDataModule.mean, MNISTDataModule.std)
     torch.testing.assert_close(torch.cat(x), torch.stack(images))
     assert torch.equal(torch.cat(y), torch.tensor(labels))
 

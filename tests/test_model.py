@@ -55,6 +55,19 @@ def test_the_model_normalises_raw_pixels_with_the_data_statistics():
     torch.testing.assert_close(model(pixels), expected)
 
 
+@pytest.mark.parametrize("normalized_with", [None, (DATA_INFO["mean"], DATA_INFO["std"]), (0.2860, 0.3530)])
+def test_steps_see_the_data_modules_batches_as_forward_sees_pixels(normalized_with):
+    # The data modules normalise their images once in memory and say so; other data gives pixels in [0, 1]; a model
+    # evaluated on another data set's batches gets them normalised with that one's statistics. The network must get
+    # what forward gives it for the same pixels, and the pictures the pixels.
+    model = MNISTClassifier(**DATA_INFO)
+    model.batches_normalized_with = normalized_with
+    pixels = torch.rand(3, 1, 28, 28)
+    batch = pixels if normalized_with is None else (pixels - normalized_with[0]) / normalized_with[1]
+    torch.testing.assert_close(model.network(model._network_input(batch)), model(pixels))
+    torch.testing.assert_close(model._pixels(batch), pixels)
+
+
 def test_a_few_steps_lower_the_loss():
     torch.manual_seed(0)
     model = MNISTClassifier(**DATA_INFO)
