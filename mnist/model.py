@@ -31,8 +31,9 @@ class MNISTClassifier(pl.LightningModule):
     """Classifies images with a configurable network, optimizer and learning-rate schedule.
 
     The model takes pixels in [0, 1] and normalises them itself, so that a checkpoint, an export or a server needs
-    nothing from the data module. ``num_classes``, ``image_shape``, ``mean``, ``std`` and ``class_names`` describe
-    the data: the command line takes them from the data module.
+    nothing from the data module; in training it takes the batches of ``mnist.data``'s data modules as they are, since
+    those hold images normalised once in memory. ``num_classes``, ``image_shape``, ``mean``, ``std`` and
+    ``class_names`` describe the data: the command line takes them from the data module.
 
     Args:
         num_classes: Number of classes.
