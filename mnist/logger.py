@@ -95,9 +95,10 @@ class StageTensorBoardLogger(TensorBoardLogger):
         if wait and self._pictures is not None:
             self._pictures.shutdown(wait=True)
             self._pictures = None
-        done = [f for f in self._pictures_pending if f.done()]
-        self._pictures_pending = [f for f in self._pictures_pending if not f.done()]
-        for future in done:
+        # One look at each: a picture finishing between two looks would be in neither list, its error lost.
+        finished = {f: f.done() for f in self._pictures_pending}
+        self._pictures_pending = [f for f, done in finished.items() if not done]
+        for future in (f for f, done in finished.items() if done):
             future.result()
 
     @rank_zero_only
