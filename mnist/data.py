@@ -99,8 +99,11 @@ class MNISTDataModule(pl.LightningDataModule):
         self.val_images = self.val_labels = None
         self.test_images = self.test_labels = None
         self.predict_paths: list[Path] = []
-        # The (mean, std) the batches are normalised with: the model then feeds them to its network as they are.
-        self.normalized_with: tuple[float, float] | None = (self.mean, self.std)
+
+    @property
+    def normalized_with(self) -> tuple[float, float] | None:
+        """The (mean, std) the batches are normalised with: the model then feeds them to its network as they are."""
+        return self.mean, self.std
 
     @property
     def class_names(self) -> list[str]:

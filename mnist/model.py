@@ -128,9 +128,13 @@ class MNISTClassifier(pl.LightningModule):
         mean, std = self.batches_normalized_with
         return x * std + mean
 
+    def _batch_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of the data module, as ``forward`` gives them for its pixels."""
+        return (self.compiled_forward or self.network)(self._network_input(x))
+
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
-        logits = (self.compiled_forward or self.network)(self._network_input(x))
+        logits = self._batch_logits(x)
         loss = F.cross_entropy(logits, y)
         # Metric objects only accumulate here, with tensor operations and no host sync; they are logged once per
         # epoch, in the `on_*_epoch_end` hooks, since each `self.log` costs about as much as this network's whole step.
@@ -234,7 +238,7 @@ class MNISTClassifier(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         x, y = batch
-        probs = (self.compiled_forward or self.network)(self._network_input(x)).softmax(dim=1)
+        probs = self._batch_logits(x).softmax(dim=1)
         confidence, prediction = probs.max(dim=1)
         return {"target": y, "prediction": prediction, "confidence": confidence, "probs": probs}
 

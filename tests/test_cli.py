@@ -187,7 +187,7 @@ def test_a_fit_feeds_the_network_what_forward_gives_it_for_the_same_pixels(tmp_p
     assert model.batches_normalized_with == (data.mean, data.std) == (model.hparams.mean, model.hparams.std)
     data.setup("test")
     (batch, _), (pixels, _) = next(iter(data.test_dataloader())), data.load(train=False)
-    torch.testing.assert_close(model.network(model._network_input(batch)), model(pixels[: len(batch)]))
+    torch.testing.assert_close(model._batch_logits(batch), model(pixels[: len(batch)]))
 
 
 def test_help_shows_the_docstrings(capsys):

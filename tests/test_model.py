@@ -64,7 +64,7 @@ def test_steps_see_the_data_modules_batches_as_forward_sees_pixels(normalized_wi
     model.batches_normalized_with = normalized_with
     pixels = torch.rand(3, 1, 28, 28)
     batch = pixels if normalized_with is None else (pixels - normalized_with[0]) / normalized_with[1]
-    torch.testing.assert_close(model.network(model._network_input(batch)), model(pixels))
+    torch.testing.assert_close(model._batch_logits(batch), model(pixels))
     torch.testing.assert_close(model._pixels(batch), pixels)
 
 
