@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import random_split
 from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 
+from mnist.augment import RandomShift
 from mnist.errors import UserError
 from mnist.images import image_files, load_digits
 from mnist.loader import BatchLoader, EpochSampler
@@ -71,6 +72,9 @@ class MNISTDataModule(pl.LightningDataModule):
             that runs with different model seeds see the same data.
         eval_batch_size: Samples per validation, test and prediction batch; ``batch_size`` when not given.
         predict_path: An image, or a folder of PNG / JPEG / BMP images, for ``predict``; the test set when not given.
+        max_shift: Move each training image by a random number of pixels, up to this many along each axis, drawn
+            anew for every batch of every epoch (augmentation); 0 leaves them as they are. Validation, test and
+            prediction images are never moved.
     """
 
     dataset = MNIST  # the torchvision class that downloads and parses the files
@@ -89,6 +93,7 @@ class MNISTDataModule(pl.LightningDataModule):
         seed: int = 42,
         eval_batch_size: PositiveInt | None = None,
         predict_path: str | None = None,
+        max_shift: NonNegativeInt = 0,
     ) -> None:
         super().__init__()
         # The data's settings go into the checkpoint (a run can be continued from it alone); the loggers get the
@@ -225,7 +230,11 @@ class MNISTDataModule(pl.LightningDataModule):
         sampler = EpochSampler(
             len(self.train_labels), shuffle=True, seed=self.hparams.seed, rank=rank, world_size=world_size, even=True
         )
-        return BatchLoader(self.train_images, self.train_labels, self.hparams.batch_size, sampler)
+        augment = None
+        if self.hparams.max_shift:
+            black = float(self._normalised(torch.zeros(())))  # the background, as the images hold it
+            augment = RandomShift(self.hparams.max_shift, fill=black)
+        return BatchLoader(self.train_images, self.train_labels, self.hparams.batch_size, sampler, augment=augment)
 
     def val_dataloader(self) -> BatchLoader:
         return self._eval_loader(self.val_images, self.val_labels)

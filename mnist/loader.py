@@ -5,7 +5,7 @@ collates 32 of them per step costs far more than the network itself.
 """
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -60,6 +60,9 @@ class BatchLoader:
         batch_size: Samples per batch.
         sampler: The order of the samples; sequential over all of them when not given.
         drop_last: Drop the last batch of an epoch when it is smaller than ``batch_size``.
+        augment: Applied to each batch of images with a random generator of its own, seeded by the sampler's seed,
+            epoch and rank and the batch's number, so that a resumed epoch gets the same batches as an
+            uninterrupted one (``mnist.augment.RandomShift``).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class BatchLoader:
         batch_size: int,
         sampler: EpochSampler | None = None,
         drop_last: bool = False,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -76,6 +80,7 @@ class BatchLoader:
         self.batch_size = batch_size
         self.sampler = sampler if sampler is not None else EpochSampler(len(labels), shuffle=False)
         self.drop_last = drop_last
+        self.augment = augment
         self.served = 0  # batches handed out so far in the current epoch
         self._resume: tuple[int, int] | None = None  # (epoch, batches already served) from a checkpoint
 
@@ -94,10 +99,21 @@ class BatchLoader:
             first = self._resume[1]
         self._resume = None
         self.served = first
+        if self.augment is not None:
+            generator = torch.Generator(self.images.device)
         for start in range(first * self.batch_size, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
+            images = self.images[index]
+            if self.augment is not None:
+                images = self.augment(images, generator.manual_seed(self._batch_seed(self.served)))
             self.served += 1
-            yield self.images[index], self.labels[index]
+            yield images, self.labels[index]
+
+    def _batch_seed(self, batch: int) -> int:
+        seed = self.sampler.seed
+        for part in (self.sampler.epoch, self.sampler.rank, batch):
+            seed = seed * 1_000_003 + part
+        return seed % 2**63
 
     # Lightning saves these with every checkpoint and restores them on resume, so that a run resumed from a
     # mid-epoch checkpoint continues with the next batch of the same epoch instead of starting the epoch over.

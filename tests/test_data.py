@@ -3,6 +3,7 @@ import torch
 from torchvision import transforms
 from torchvision.datasets import MNIST
 
+from mnist.augment import RandomShift
 from mnist.data import FashionMNISTDataModule, KMNISTDataModule, MNISTDataModule
 from mnist.errors import UserError
 from mnist.loader import BatchLoader, EpochSampler
@@ -86,6 +87,59 @@ def test_processes_share_an_epoch_without_overlap():
     ranks = [EpochSampler(100, shuffle=True, seed=3, rank=r, world_size=2, even=True) for r in range(2)]
     a, b = (set(s.indices().tolist()) for s in ranks)
     assert len(a) == len(b) == 50 and not a & b and a | b == set(range(100))
+
+
+def shifted(image: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
+    """``image`` (C, H, W) moved down by ``dy`` and right by ``dx`` pixels, written out with slices."""
+    _, h, w = image.shape
+    out = torch.full_like(image, fill)
+    out[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
+        :, max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+    ]
+    return out
+
+
+def test_random_shift_moves_each_image_by_its_own_shift_within_the_limit():
+    images = torch.rand(64, 2, 9, 7)
+    moved = RandomShift(2, fill=-1.0)(images, torch.Generator().manual_seed(0))
+    shifts = set()
+    for image, result in zip(images, moved, strict=True):
+        matches = [
+            (dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if torch.equal(result, shifted(image, dy, dx, -1.0))
+        ]
+        assert len(matches) == 1, "every image is its original moved by at most 2 pixels each way, filled with -1"
+        shifts |= set(matches)
+    assert len(shifts) > 12, f"64 images drew only {len(shifts)} of the 25 shifts"
+    assert RandomShift(0)(images, torch.Generator()) is images
+
+
+def test_shifted_batches_are_a_function_of_seed_epoch_and_batch_so_a_resumed_epoch_gets_the_same():
+    images = torch.rand(50, 1, 6, 6)
+
+    def loader() -> BatchLoader:
+        sampler = EpochSampler(50, shuffle=True, seed=3)
+        return BatchLoader(images, torch.arange(50), 8, sampler, augment=RandomShift(1))
+
+    whole = loader()
+    epoch_0 = list(whole)
+    resumed = loader()
+    resumed.load_state_dict({"epoch": 0, "served": 3})
+    for (x, y), (x_ref, y_ref) in zip(resumed, epoch_0[3:], strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    whole.sampler.set_epoch(1)
+    by_label = [{int(y): x for xs, ys in batches for x, y in zip(xs, ys, strict=True)} for batches in (epoch_0, whole)]
+    assert sum(not torch.equal(by_label[0][i], by_label[1][i]) for i in range(50)) > 25, "each epoch draws new shifts"
+
+
+def test_max_shift_moves_training_images_only(mnist_dir):
+    plain, moving = make_data(mnist_dir), make_data(mnist_dir, max_shift=2)
+    (x, y), (x_moved, y_moved) = next(iter(plain.train_dataloader())), next(iter(moving.train_dataloader()))
+    assert torch.equal(y, y_moved) and not torch.equal(x, x_moved)
+    # What comes into the frame is a black pixel, normalised as the images' own black pixels are.
+    assert x_moved.min() == x.min() == plain.train_images.min()
+    for loader in ("val_dataloader", "test_dataloader", "predict_dataloader"):
+        for (a, _), (b, _) in zip(getattr(plain, loader)(), getattr(moving, loader)(), strict=True):
+            assert torch.equal(a, b), loader
 
 
 def test_val_size_larger_than_the_training_set(mnist_dir):
