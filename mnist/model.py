@@ -7,6 +7,7 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import ClosedUnitInterval
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric, MinMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -50,6 +51,9 @@ class MNISTClassifier(pl.LightningModule):
         scheduler_interval: When any other scheduler steps: after every ``epoch`` or every training ``step``.
         compile: Run the network through ``torch.compile`` (compiled when training or evaluation starts, tens of
             seconds). The checkpoint and export are those of the plain network.
+        label_smoothing: Share of each training target spread evenly over all classes (``F.cross_entropy``'s
+            ``label_smoothing``), so that the network is not pushed to ever more confident logits. Only the loss
+            trained on: every logged loss is plain cross-entropy, comparable between runs.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class MNISTClassifier(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         compile: bool = False,
+        label_smoothing: ClosedUnitInterval = 0.0,
     ) -> None:
         super().__init__()
         # Into the checkpoint, so that it can be loaded and continued alone; the loggers get a curated summary of
@@ -132,24 +137,28 @@ class MNISTClassifier(pl.LightningModule):
         """Logits for a batch of the data module, as ``forward`` gives them for its pixels."""
         return (self.compiled_forward or self.network)(self._network_input(x))
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss to train on, and the plain cross-entropy to report: the same but for label smoothing in training."""
         x, y = batch
         logits = self._batch_logits(x)
-        loss = F.cross_entropy(logits, y)
         # Metric objects only accumulate here, with tensor operations and no host sync; they are logged once per
         # epoch, in the `on_*_epoch_end` hooks, since each `self.log` costs about as much as this network's whole step.
         if stage == "train":
+            smoothing = self.hparams.label_smoothing
+            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+            plain = F.cross_entropy(logits.detach(), y) if smoothing else loss.detach()
             # Kept for one update of many batches, which costs what an update of one does (mnist.metrics).
-            self._train_batches.append((loss.detach(), logits.detach(), y))
+            self._train_batches.append((plain, logits.detach(), y))
             if len(self._train_batches) >= TRAIN_METRIC_BATCHES:
                 self._update_train_metrics()
-        else:
-            getattr(self, f"{stage}_loss").update(loss, weight=y.numel())
-            getattr(self, f"{stage}_acc").update(logits, y)
-            # The pictures come from the predictions just made: no second pass over the data.
-            getattr(self, f"{stage}_confusion").update(logits, y)
-            getattr(self, f"{stage}_worst").update(x, y, logits)
-        return loss
+            return loss, plain
+        loss = F.cross_entropy(logits, y)
+        getattr(self, f"{stage}_loss").update(loss, weight=y.numel())
+        getattr(self, f"{stage}_acc").update(logits, y)
+        # The pictures come from the predictions just made: no second pass over the data.
+        getattr(self, f"{stage}_confusion").update(logits, y)
+        getattr(self, f"{stage}_worst").update(x, y, logits)
+        return loss, loss
 
     def _update_train_metrics(self) -> None:
         if self._train_batches:
@@ -193,10 +202,10 @@ class MNISTClassifier(pl.LightningModule):
             log_image(self.loggers, f"{stage}/most_confident_mistakes", grid, step)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, "train")
+        loss, plain = self._shared_step(batch, "train")
         # The step curves, on the steps Lightning writes step values on (every `log_every_n_steps`).
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self._log_step_curves(loss)
+            self._log_step_curves(plain)
         return loss
 
     def _log_step_curves(self, loss: torch.Tensor) -> None:

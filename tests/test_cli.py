@@ -157,14 +157,21 @@ def test_last_checkpoint_is_the_last_epoch_also_after_epochs_that_did_not_improv
     assert_same_weights(resumed["state_dict"], whole["state_dict"])
 
 
-def test_cnn_checkpoint_is_tested_as_a_cnn_without_config(tmp_path, fast_args, mnist_dir, monkeypatch, capsys):
+def test_cnn_preset_is_tested_and_exported_as_a_cnn_without_config(tmp_path, fast_args, mnist_dir, monkeypatch, capsys):
+    # configs/cnn.yaml as shipped (label smoothing, shifted images, one-cycle), on a narrower network.
     monkeypatch.chdir(tmp_path)
-    cnn = ["--model.network", "mnist.networks.ConvNet", "--model.network.init_args.channels", "[4, 8]",
-           "--model.network.init_args.hidden_size", "16"]  # fmt: skip
-    cli(["fit", *fast_args, *cnn, "--trainer.max_epochs", "1"])
+    cnn = ["--config", str(CONFIG.parent / "configs" / "cnn.yaml"), "--model.network.init_args.channels", "[4, 8]",
+           "--model.network.init_args.hidden_size", "16", "--trainer.max_epochs", "1"]  # fmt: skip
+    cli(["fit", *fast_args, *cnn])
     capsys.readouterr()
     cli(["test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), "--trainer.enable_progress_bar", "false"])
     assert "test/acc" in capsys.readouterr().out
+    from mnist.export import main as export_main
+
+    # The export is checked against the checkpoint's logits: the channels-last layout changes none of them.
+    export_main(["--ckpt_path", str(tmp_path / RUN / "checkpoints" / "last.ckpt"), "--format", "torch.export",
+                 "--output", str(tmp_path / "cnn.pt2"), "--data_dir", str(mnist_dir)])  # fmt: skip
+    assert (tmp_path / "cnn.pt2").stat().st_size > 0
 
 
 def test_optimizer_is_chosen_on_the_command_line_and_saved(tmp_path, fast_args, monkeypatch):

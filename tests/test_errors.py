@@ -21,6 +21,7 @@ def fails(args: list[str], capsys) -> tuple[int, str]:
         (["--data.batch_size", "abc"], 2, 'Parser key "data.batch_size":\n  Not of type PositiveInt'),
         (["--data.batch_size", "0"], 2, "0 does not conform to restriction v>0"),
         (["--data.max_shift", "-1"], 2, "-1 does not conform to restriction v>=0"),
+        (["--model.label_smoothing", "1.5"], 2, "1.5 does not conform to restriction v>=0 and v<=1"),
         (["--data.val_size", "600"], 1, "error: data.val_size (600) must be smaller than the 600 training images"),
         (["--data.bacth_size", "8"], 2, "error: unrecognized arguments: --data.bacth_size"),
         (["--model.scheduler_interval", "weekly"], 2, "Expected a typing.Literal['epoch', 'step']. Got value: weekly"),

@@ -144,27 +144,43 @@ def test_worst_mistakes_are_the_most_confident_wrong_predictions_of_all_batches(
     assert len(images) == 1 and targets.tolist() == [9] and predictions.tolist() == [3]
 
 
-@pytest.mark.parametrize("at_once", [3, TRAIN_METRIC_BATCHES])
-def test_the_training_metric_of_an_epoch_counts_each_of_its_batches_once(tmp_path, monkeypatch, at_once):
+class TrainedLosses(pl.Callback):
+    """Records the loss each training step returned, the one the optimizer trained on."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.losses.append(outputs["loss"].item())
+
+
+@pytest.mark.parametrize(("at_once", "smoothing"), [(3, 0.0), (TRAIN_METRIC_BATCHES, 0.0), (3, 0.3)])
+def test_the_training_metric_of_an_epoch_counts_each_of_its_batches_once(tmp_path, monkeypatch, at_once, smoothing):
     # With a learning rate of 0 the network stays as it starts, so the epoch's values can be computed afterwards.
     # 10 batches (the last of 5) updated 3 at a time leave one for the epoch's end; 50 at a time, all ten.
+    # Label smoothing changes the loss trained on, not the one logged: that stays plain cross-entropy.
     monkeypatch.setattr("mnist.model.TRAIN_METRIC_BATCHES", at_once)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 293)
     x = torch.from_numpy(digit_images(labels, rng)).unsqueeze(1).float() / 255  # (N, 28, 28) -> (N, 1, 28, 28)
     y = torch.from_numpy(labels)
-    model = MNISTClassifier(**DATA_INFO, optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
+    model = MNISTClassifier(
+        **DATA_INFO, optimizer=lambda params: torch.optim.SGD(params, lr=0.0), label_smoothing=smoothing
+    )
+    trained = TrainedLosses()
     trainer = pl.Trainer(
         default_root_dir=tmp_path, max_epochs=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[trained],
     )  # fmt: skip
     trainer.fit(model, BatchLoader(x, y, 32))
     with torch.no_grad():
         batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 293, 32)]
         losses = torch.stack([F.cross_entropy(model(bx), by) * len(by) for bx, by in batches])
         correct = sum((model(bx).argmax(1) == by).sum() for bx, by in batches)
+        smoothed = [F.cross_entropy(model(bx), by, label_smoothing=smoothing).item() for bx, by in batches]
     torch.testing.assert_close(trainer.callback_metrics["train/loss"], losses.sum() / 293)
+    np.testing.assert_allclose(trained.losses, smoothed * 2, rtol=1e-5)  # two epochs of the same batches
     torch.testing.assert_close(trainer.callback_metrics["train/acc"], correct / 293)
 
 
