@@ -1,5 +1,6 @@
 """The LightningModule: trains any network from ``mnist.networks`` with cross-entropy and logs its metrics."""
 
+import copy
 import sys
 from collections.abc import Callable
 from typing import Literal
@@ -103,6 +104,18 @@ class MNISTClassifier(pl.LightningModule):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
             setattr(self, f"{stage}_confusion", MulticlassConfusionMatrix(num_classes))
             setattr(self, f"{stage}_worst", WorstMistakes(WORST_SHOWN, image_shape))
+
+    def __deepcopy__(self, memo: dict) -> "MNISTClassifier":
+        # Lightning's EMAWeightAveraging and StochasticWeightAveraging copy the whole module. The optimizer and
+        # scheduler factories LightningCLI builds hold a lock of jsonargparse's and cannot be copied; they never
+        # change, so a copy shares them. A compiled forward runs this network's weights: a copy compiles its own.
+        memo[id(self.optimizer)], memo[id(self.lr_scheduler)] = self.optimizer, self.lr_scheduler
+        if self.compiled_forward is not None:
+            memo[id(self.compiled_forward)] = None
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return clone
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes)`` for images ``(B, C, H, W)`` with pixels in [0, 1]."""

@@ -174,6 +174,17 @@ def test_cnn_preset_is_tested_and_exported_as_a_cnn_without_config(tmp_path, fas
     assert (tmp_path / "cnn.pt2").stat().st_size > 0
 
 
+def test_lightnings_weight_averaging_callback_copies_the_model_and_saves_the_average(tmp_path, fast_args, monkeypatch):
+    # EMAWeightAveraging deep-copies the whole LightningModule, the optimizer factory LightningCLI built included.
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", *fast_args, "--trainer.max_epochs", "1",
+         "--trainer.callbacks+=pytorch_lightning.callbacks.EMAWeightAveraging"])  # fmt: skip
+    last = torch.load(tmp_path / RUN / "checkpoints" / "last.ckpt", weights_only=True)
+    # The checkpoint's weights are the average; the training weights are kept beside them, and differ.
+    trained = {k: v for k, v in last["current_model_state"].items() if k.startswith("network.")}
+    assert trained and any(not torch.equal(last["state_dict"][k], v) for k, v in trained.items())
+
+
 def test_optimizer_is_chosen_on_the_command_line_and_saved(tmp_path, fast_args, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli(["fit", *fast_args, "--trainer.max_epochs", "1", "--model.optimizer", "Adam",

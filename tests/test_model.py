@@ -1,3 +1,4 @@
+import copy
 import warnings
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -83,6 +84,17 @@ def test_a_few_steps_lower_the_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_a_copy_has_weights_of_its_own_and_shares_the_optimizer_factory():
+    model = MNISTClassifier(**DATA_INFO, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    model.compiled_forward = torch.compile(model.network.forward)  # compiled lazily: nothing runs here
+    clone = copy.deepcopy(model)
+    assert clone.optimizer is model.optimizer and clone.compiled_forward is None
+    with torch.no_grad():
+        clone.network.layers[1].weight.add_(1)
+    assert not torch.equal(clone.network.layers[1].weight, model.network.layers[1].weight)
+    assert clone.val_acc is not model.val_acc
 
 
 def test_checkpoint_of_another_shape_is_refused_in_one_line():
