@@ -5,13 +5,16 @@
     python benchmarks/benchmark.py --data_dir data --compile      # plus the template with --model.compile true
     python benchmarks/benchmark.py --data_dir data --compile --precision 32-true bf16-mixed   # on a GPU
 
-Contenders run in turn, in separate processes, alternating over --rounds so that the shared machine's slow spells
-hit all of them alike. An epoch is training, validation and the checkpoint saves at its end. It prints a markdown
-table and writes it to --output after every run, so that a run cut short (a lent GPU's time runs out) still leaves
-what it measured.
+Each contender runs in a process of its own. Those of one batch size and precision (plain loop, bare Lightning,
+template) run at once and take turns at epochs, one epoch each, so that the shared machine's slow spells, minutes
+long, hit their neighbouring epochs alike; the order changes every round. An epoch is training, validation, the
+checkpoint saves at its end and what the process's other threads still do for it. It prints a markdown table and
+writes it to --output after every group, so that a run cut short (a lent GPU's time runs out) still leaves what it
+measured.
 """
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -34,16 +37,62 @@ HERE = ROOT / "benchmarks"
 RAW_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
+def environment() -> dict[str, str]:
+    """The environment of a contender: this project and the benchmarks importable, the caller's own path kept."""
+    path = [str(ROOT), str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
 def run(command: list[str], cwd: Path) -> tuple[float, str]:
     """Run a command; return its wall time and output, or stop the benchmark with its output if it fails."""
-    path = [str(ROOT), str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]  # the caller's own path kept
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
-        sys.exit(f"benchmark step failed: {' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        fail(command, result.stdout + result.stderr)
     return seconds, result.stdout + result.stderr
+
+
+def fail(command: list[str], output: str) -> None:
+    sys.exit(f"benchmark step failed: {' '.join(command)}\n{output[-6000:]}")
+
+
+def run_in_turns(commands: list[list[str]], folders: list[Path]) -> None:
+    """Run the commands at once, each running one epoch in turn, in the order given, round and round.
+
+    Each waits at the start of its fit and of every epoch for a byte on a pipe of its own, and writes one when its
+    epoch has ended (``epoch_timer.Baton``); its turn ends for good when it exits. Only one runs at any time, and
+    each epoch lies next to the others' same epoch, seconds apart, where separate runs lie minutes apart.
+    """
+    running = []
+    try:
+        for command, cwd in zip(commands, folders, strict=True):
+            turn_r, turn_w = os.pipe()
+            done_r, done_w = os.pipe()
+            env = {**environment(), "BENCHMARK_BATON": f"{turn_r},{done_w}"}
+            output = tempfile.TemporaryFile()  # not a pipe: one nobody reads while the others run would fill up
+            process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                       pass_fds=(turn_r, done_w))  # fmt: skip
+            os.close(turn_r)
+            os.close(done_w)
+            running.append((command, process, output, turn_w, done_r))
+        while running:
+            for entry in list(running):
+                command, process, output, turn_w, done_r = entry
+                with contextlib.suppress(BrokenPipeError):  # it has ended: its pipe says so below
+                    os.write(turn_w, b".")
+                if os.read(done_r, 1):
+                    continue
+                # The end of its pipe: the process has ended.
+                running.remove(entry)
+                os.close(turn_w)
+                os.close(done_r)
+                if process.wait() != 0:
+                    output.seek(0)
+                    fail(command, output.read().decode(errors="replace"))
+    finally:
+        for _, process, *_ in running:
+            process.kill()
 
 
 def epoch_records(path: Path) -> list[dict[str, float]]:
@@ -51,11 +100,15 @@ def epoch_records(path: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def template_command(data_dir: Path, timer: Path, extra: list[str]) -> list[str]:
+    """A `fit` with config.yaml, ``extra`` on top, timed epoch by epoch into ``timer``."""
+    return [sys.executable, str(ROOT / "main.py"), "fit", "--config", str(ROOT / "config.yaml"), *extra,
+            "--data.data_dir", str(data_dir), "--data.download", "false",
+            "--trainer.callbacks+=epoch_timer.EpochTimer", f"--trainer.callbacks.path={timer}"]  # fmt: skip
+
+
 def template_fit(data_dir: Path, work: Path, timer: Path, extra: list[str]) -> tuple[float, str]:
-    command = [sys.executable, str(ROOT / "main.py"), "fit", "--config", str(ROOT / "config.yaml"), *extra,
-               "--data.data_dir", str(data_dir), "--data.download", "false",
-               "--trainer.callbacks+=epoch_timer.EpochTimer", f"--trainer.callbacks.path={timer}"]  # fmt: skip
-    return run(command, cwd=work)
+    return run(template_command(data_dir, timer, extra), cwd=work)
 
 
 def test_accuracy(data_dir: Path, work: Path) -> float:
@@ -82,51 +135,64 @@ def measure_epochs(
 ) -> tuple[dict[str, list[list[float]]], dict[str, list[float]]]:
     """Epoch times (s), run by run, and quiet training-step times (ms) of every contender, by ``name|batch|precision``.
 
-    ``after_run(times, steps)`` gets those measured so far after each contender's run.
+    The contenders of one batch size and precision run at once, taking turns at epochs (``run_in_turns``); the
+    tutorial, which has nothing to be compared with epoch by epoch, runs alone. ``after_run(times, steps)`` gets
+    those measured so far after each group.
     """
-    contenders = [("tutorial", "tutorial", 32, "32-true")]
+    groups = [[("tutorial", "tutorial", 32, "32-true")]]
     for batch in (32, 256):
         for precision in precisions:
-            contenders += [
-                ("plain loop", "plain", batch, precision),
-                ("bare Lightning", "bare", batch, precision),
-                ("template", "template", batch, precision),
-            ]
+            group = [("plain loop", "plain", batch, precision), ("bare Lightning", "bare", batch, precision),
+                     ("template", "template", batch, precision)]  # fmt: skip
             if compile_:
-                contenders.append(("template, compiled", "compiled", batch, precision))
+                group.append(("template, compiled", "compiled", batch, precision))
+            groups.append(group)
     times: dict[str, list[list[float]]] = {}  # one list per run, the runs in round order
     steps: dict[str, list[float]] = {}
     for round_ in range(rounds):
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
-            # Each round in the other order, so that no contender always follows the same one.
-            for name, kind, batch, precision in contenders if round_ % 2 == 0 else contenders[::-1]:
-                timer = work / f"{kind}-{batch}-{precision}.jsonl"
-                script = ["--data_dir", str(data_dir), "--timer", str(timer)]
-                if kind == "tutorial":
-                    run([sys.executable, str(HERE / "tutorial.py"), *script, "--epochs", "1"], cwd=work)
-                elif kind in ("plain", "bare"):
-                    sizes = ["--batch_size", str(batch), "--epochs", str(epochs)]
-                    script_file = HERE / ("plain_loop.py" if kind == "plain" else "bare_lightning.py")
-                    run([sys.executable, str(script_file), *script, *sizes, "--precision", precision], cwd=work)
+        # Each round in the other order, so that no contender always follows the same one.
+        for group in groups if round_ % 2 == 0 else groups[::-1]:
+            group = group if round_ % 2 == 0 else group[::-1]
+            with tempfile.TemporaryDirectory() as tmp:
+                commands, timers = [], []
+                for _, kind, batch, precision in group:
+                    work = Path(tmp) / f"{kind}-{batch}-{precision}"  # a folder each: templates number their runs
+                    work.mkdir()
+                    timer = work / "epochs.jsonl"
+                    script = ["--data_dir", str(data_dir), "--timer", str(timer)]
+                    if kind == "tutorial":
+                        command = [sys.executable, str(HERE / "tutorial.py"), *script, "--epochs", "1"]
+                    elif kind in ("plain", "bare"):
+                        sizes = ["--batch_size", str(batch), "--epochs", str(epochs), "--precision", precision]
+                        script_file = HERE / ("plain_loop.py" if kind == "plain" else "bare_lightning.py")
+                        command = [sys.executable, str(script_file), *script, *sizes]
+                    else:
+                        sizes = ["--data.batch_size", str(batch), "--trainer.max_epochs", str(epochs)]
+                        compiled = ["--model.compile", "true"] if kind == "compiled" else []
+                        command = template_command(
+                            data_dir, timer, [*sizes, *compiled, "--trainer.precision", precision]
+                        )
+                    commands.append((command, work))
+                    timers.append(timer)
+                if len(commands) == 1:
+                    run(*commands[0])
                 else:
-                    sizes = ["--data.batch_size", str(batch), "--trainer.max_epochs", str(epochs)]
-                    compiled = ["--model.compile", "true"] if kind == "compiled" else []
-                    template_fit(data_dir, work, timer, [*sizes, *compiled, "--trainer.precision", precision])
-                # The first epoch of a run pays for warming up (and compiling): it is left out.
-                records = epoch_records(timer)
-                measured = records if kind == "tutorial" else records[1:]
-                key = f"{name}|{batch}|{precision}"
-                times.setdefault(key, []).append([r["seconds"] for r in measured])
-                steps.setdefault(key, []).extend(r["step_ms"] for r in measured)
-                seconds = [round(r["seconds"], 3) for r in records]
-                quiet = [round(r["step_ms"], 3) for r in records]
-                print(
-                    f"round {round_ + 1}/{rounds}: {name} at batch {batch}, {precision}: epochs {seconds} s, "
-                    f"quiet steps {quiet} ms",
-                    flush=True,
-                )
-                after_run(times, steps)
+                    run_in_turns([c for c, _ in commands], [w for _, w in commands])
+                for (name, kind, batch, precision), timer in zip(group, timers, strict=True):
+                    # The first epoch of a run pays for warming up (and compiling): it is left out.
+                    records = epoch_records(timer)
+                    measured = records if kind == "tutorial" else records[1:]
+                    key = f"{name}|{batch}|{precision}"
+                    times.setdefault(key, []).append([r["seconds"] for r in measured])
+                    steps.setdefault(key, []).extend(r["step_ms"] for r in measured)
+                    seconds = [round(r["seconds"], 3) for r in records]
+                    quiet = [round(r["step_ms"], 3) for r in records]
+                    print(
+                        f"round {round_ + 1}/{rounds}: {name} at batch {batch}, {precision}: epochs {seconds} s, "
+                        f"quiet steps {quiet} ms",
+                        flush=True,
+                    )
+            after_run(times, steps)
     return times, steps
 
 
@@ -157,12 +223,12 @@ def ratio(value: float, reference: float) -> str:
 
 
 def paired_ratio(runs: list[list[float]], reference: list[list[float]]) -> float:
-    """The median over rounds of one round's epoch median over the reference's in the same round.
+    """The median of the ratios of each epoch to the reference's same epoch of the same round.
 
-    The template runs right before or after bare Lightning in every round: a slow spell of the machine that lasts a
-    few minutes slows both runs of a round alike, and drops out of their ratio.
+    The two ran taking turns (``run_in_turns``): the same epoch of each lies seconds apart, and a slow spell of the
+    machine (minutes long here) slows both alike and drops out of their ratio.
     """
-    pairs = [statistics.median(a) / statistics.median(b) for a, b in zip(runs, reference, strict=False)]
+    pairs = [a / b for run_, ref in zip(runs, reference, strict=False) for a, b in zip(run_, ref, strict=False)]
     return statistics.median(pairs) if pairs else math.nan
 
 
@@ -177,7 +243,8 @@ def table(
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"PyTorch {torch.__version__}, Lightning {pl_version()}, Python {platform.python_version()}, {device_name()}; "
         "real MNIST. Epoch: training + validation + checkpoint saves, median over all measured epochs; paired: the "
-        "median over rounds of the ratio within a round, where the two ran one after the other. Quiet step: a "
+        "median ratio of an epoch to the same epoch of the other, which ran right before or after it (the contenders "
+        "of a batch size take turns at epochs). Quiet step: a "
         "training step when the machine is quiet: in each epoch the 10th percentile of 50-step windows' mean, the "
         "lowest over the epochs (slow spells here last minutes, whole runs).",
         "",

@@ -1,6 +1,7 @@
 """A callback that records how long each training epoch takes, its validation included, and a step's quiet time."""
 
 import json
+import os
 import statistics
 import time
 
@@ -27,9 +28,16 @@ class EpochTimer(pl.Callback):
         self.epoch: int | None = None  # the epoch being timed
         self.start = self.cpu_start = 0.0
         self.step_starts: list[float] = []
+        self.baton = Baton()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # The fit's own preparation (data, sanity check, compiling) runs while the other contenders wait.
+        self.baton.take()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._record(trainer, pl_module)
+        if self._record(trainer, pl_module):
+            self.baton.give()
+        self.baton.take()
         self.epoch, self.start, self.cpu_start = trainer.current_epoch, time.perf_counter(), time.process_time()
         self.step_starts = []
 
@@ -37,22 +45,83 @@ class EpochTimer(pl.Callback):
         self.step_starts.append(time.perf_counter())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The turn is kept to the end: what the process does before it exits would run in another's epoch.
         self._record(trainer, pl_module)
 
-    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the epoch that has just ended, if one is being timed."""
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Write the epoch that has just ended, if one is being timed; whether one was."""
         if self.epoch is None:
-            return
+            return False
         synchronize(pl_module.device)
-        seconds, cpu_seconds = time.perf_counter() - self.start, time.process_time() - self.cpu_start
+        end = time.perf_counter()
+        settled = self.baton.settle()
+        cpu_seconds = time.process_time() - self.cpu_start
         if trainer.is_global_zero:
-            write_record(self.path, self.epoch, seconds, cpu_seconds, self.step_starts)
+            write_record(self.path, self.epoch, settled - self.start, cpu_seconds, self.step_starts, end - self.start)
         self.epoch = None
+        return True
 
 
-def write_record(path: str, epoch: int, seconds: float, cpu_seconds: float, step_starts: list[float]) -> None:
-    """Append one epoch's record to ``path``; ``step_starts`` are the times its training steps began."""
-    record = {"epoch": epoch, "seconds": seconds, "cpu_seconds": cpu_seconds, "step_ms": quiet_step_ms(step_starts)}
+class Baton:
+    """Turns at epochs for processes that run at once: one runs an epoch while the others wait.
+
+    benchmark.py runs the contenders of one batch size this way, handing the turn round epoch by epoch: their epochs
+    then lie seconds apart, and a slow spell of a shared machine (minutes long here) slows neighbouring epochs alike.
+    It names two pipes in the environment, ``BENCHMARK_BATON="<fd to wait on>,<fd to hand over on>"``; without it
+    there are no turns, and every method returns at once.
+    """
+
+    def __init__(self) -> None:
+        spec = os.environ.get("BENCHMARK_BATON")
+        self.fds = tuple(int(fd) for fd in spec.split(",")) if spec else None
+        for fd in self.fds or ():
+            os.set_inheritable(fd, False)  # not to the process's own children: its end must be seen when it ends
+        self.holding = False
+
+    def take(self) -> None:
+        """Wait for this process's turn (at once if it has it, or if the benchmark is gone)."""
+        if self.fds and not self.holding:
+            os.read(self.fds[0], 1)
+            self.holding = True
+
+    def give(self) -> None:
+        """Hand the turn on."""
+        if self.fds and self.holding:
+            os.write(self.fds[1], b".")
+            self.holding = False
+
+    def settle(self, poll: float = 0.002, idle: float = 0.0002) -> float:
+        """The time this process's work ended: now, or, taking turns, when its other threads stopped working.
+
+        Work a thread of the process goes on with (a picture encoded, an event file written) belongs to its epoch;
+        taking turns, it would otherwise run in the next contender's. The process has stopped when it uses less than
+        ``idle`` seconds of CPU in ``poll`` seconds.
+        """
+        end = time.perf_counter()
+        while self.fds:
+            cpu = time.process_time()
+            time.sleep(poll)
+            if time.process_time() - cpu < idle:
+                break
+            end = time.perf_counter()
+        return end
+
+
+def write_record(
+    path: str, epoch: int, seconds: float, cpu_seconds: float, step_starts: list[float], own_seconds: float
+) -> None:
+    """Append one epoch's record to ``path``; ``step_starts`` are the times its training steps began.
+
+    ``seconds`` is the epoch's time with its threads' work after it (``Baton.settle``), ``own_seconds`` without.
+    """
+    record = {
+        "epoch": epoch,
+        "seconds": seconds,
+        "own_seconds": own_seconds,
+        "cpu_seconds": cpu_seconds,
+        "step_ms": quiet_step_ms(step_starts),
+        "ended": time.time(),  # the same clock in every process: which epochs ran when
+    }
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 

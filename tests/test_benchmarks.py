@@ -105,6 +105,41 @@ def test_paired_ratio_is_not_moved_by_a_slow_spell_in_one_round(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from benchmark import paired_ratio
 
-    # Three rounds; a slow spell doubles the template's run in round 2 and both runs in round 3.
-    bare, template = [[2.0], [2.0], [4.0]], [[2.2], [4.4], [4.4]]
-    assert paired_ratio(template, bare) == pytest.approx(1.1)  # the pooled medians would say 4.4 / 2.0
+    # Two rounds of two epochs; slow spells double the template's second epoch in round 1, both in round 2.
+    bare, template = [[2.0, 2.0], [2.0, 4.0]], [[2.2, 4.4], [2.2, 4.4]]
+    assert paired_ratio(template, bare) == pytest.approx(1.1)  # the pooled medians would say 3.3 / 2.0
+
+
+def test_contenders_take_turns_at_epochs(tmp_path, mnist_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from benchmark import run_in_turns
+
+    commands, folders = [], []
+    for script in ("plain_loop.py", "bare_lightning.py"):
+        folder = tmp_path / script
+        folder.mkdir()
+        commands.append([sys.executable, str(ROOT / "benchmarks" / script), "--data_dir", str(mnist_dir),
+                         "--batch_size", "64", "--epochs", "3", "--timer", str(folder / "times.jsonl")])  # fmt: skip
+        folders.append(folder)
+    run_in_turns(commands, folders)
+    epochs = sorted(
+        (r["ended"] - r["seconds"], r["ended"], folder.name, r["epoch"])
+        for folder in folders
+        for r in map(json.loads, (folder / "times.jsonl").read_text().splitlines())
+    )
+    # One epoch at a time, in the order given: each starts after the one before has ended.
+    assert [(name, epoch) for *_, name, epoch in epochs] == [
+        (script, epoch) for epoch in range(3) for script in ("plain_loop.py", "bare_lightning.py")
+    ]
+    assert all(start >= ended_before for (start, *_), (_, ended_before, *_) in zip(epochs[1:], epochs, strict=False))
+
+
+def test_a_contender_that_fails_stops_the_benchmark_with_its_output(tmp_path, mnist_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from benchmark import run_in_turns
+
+    waiting = [sys.executable, str(ROOT / "benchmarks" / "plain_loop.py"), "--data_dir", str(mnist_dir),
+               "--epochs", "3", "--timer", str(tmp_path / "times.jsonl")]  # fmt: skip
+    failing = [sys.executable, "-c", "raise SystemExit('no such data')"]
+    with pytest.raises(SystemExit, match="no such data"):
+        run_in_turns([waiting, failing], [tmp_path, tmp_path])
