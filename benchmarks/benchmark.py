@@ -4,10 +4,12 @@
     python benchmarks/benchmark.py --data_dir data --presets fast cnn --seeds 0 1 2   # plus the presets' accuracy
     python benchmarks/benchmark.py --data_dir data --compile      # plus the template with --model.compile true
     python benchmarks/benchmark.py --data_dir data --compile --precision 32-true bf16-mixed   # on a GPU
+    python benchmarks/benchmark.py --data_dir data --contenders bare template --batch_sizes 256 --epochs 8
 
 Each contender runs in a process of its own. Those of one batch size and precision (plain loop, bare Lightning,
-template) run at once and take turns at epochs, one epoch each, so that the shared machine's slow spells, minutes
-long, hit their neighbouring epochs alike; the order changes every round. An epoch is training, validation, the
+template) run at once and take turns at epochs, one epoch each, so that the shared machine's slow spells (seconds to
+minutes long) hit their neighbouring epochs alike; the order changes every round. The fewer contenders, the closer
+their epochs. An epoch is training, validation, the
 checkpoint saves at its end and what the process's other threads still do for it. It prints a markdown table and
 writes it to --output after every group, so that a run cut short (a lent GPU's time runs out) still leaves what it
 measured.
@@ -100,6 +102,16 @@ def epoch_records(path: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+# The contenders by kind, in their order within a group: the names the table gives them.
+CONTENDERS = {
+    "tutorial": "tutorial",
+    "plain": "plain loop",
+    "bare": "bare Lightning",
+    "template": "template",
+    "compiled": "template, compiled",
+}
+
+
 def template_command(data_dir: Path, timer: Path, extra: list[str]) -> list[str]:
     """A `fit` with config.yaml, ``extra`` on top, timed epoch by epoch into ``timer``."""
     return [sys.executable, str(ROOT / "main.py"), "fit", "--config", str(ROOT / "config.yaml"), *extra,
@@ -131,22 +143,25 @@ def template_peak_memory(data_dir: Path) -> float:
 
 
 def measure_epochs(
-    data_dir: Path, rounds: int, epochs: int, compile_: bool, precisions: list[str], after_run: Callable[..., None]
+    data_dir: Path,
+    rounds: int,
+    epochs: int,
+    kinds: list[str],
+    batch_sizes: list[int],
+    precisions: list[str],
+    after_run: Callable[..., None],
 ) -> tuple[dict[str, list[list[float]]], dict[str, list[float]]]:
     """Epoch times (s), run by run, and quiet training-step times (ms) of every contender, by ``name|batch|precision``.
 
     The contenders of one batch size and precision run at once, taking turns at epochs (``run_in_turns``); the
     tutorial, which has nothing to be compared with epoch by epoch, runs alone. ``after_run(times, steps)`` gets
-    those measured so far after each group.
+    those measured so far after each group. ``kinds`` are those of ``CONTENDERS`` to run.
     """
-    groups = [[("tutorial", "tutorial", 32, "32-true")]]
-    for batch in (32, 256):
+    groups = [[("tutorial", "tutorial", 32, "32-true")]] if "tutorial" in kinds else []
+    for batch in batch_sizes:
         for precision in precisions:
-            group = [("plain loop", "plain", batch, precision), ("bare Lightning", "bare", batch, precision),
-                     ("template", "template", batch, precision)]  # fmt: skip
-            if compile_:
-                group.append(("template, compiled", "compiled", batch, precision))
-            groups.append(group)
+            group = [(CONTENDERS[kind], kind, batch, precision) for kind in CONTENDERS if kind in kinds]
+            groups.append([c for c in group if c[1] != "tutorial"])
     times: dict[str, list[list[float]]] = {}  # one list per run, the runs in round order
     steps: dict[str, list[float]] = {}
     for round_ in range(rounds):
@@ -292,6 +307,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="run each preset with these seeds")
     parser.add_argument("--compile", action="store_true", help="also time the template with --model.compile true")
     parser.add_argument(
+        "--contenders",
+        nargs="+",
+        default=["tutorial", "plain", "bare", "template"],
+        choices=list(CONTENDERS),
+        help="which to time (compiled: the template with --model.compile true, as --compile adds)",
+    )
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[32, 256], help="batch sizes to time")
+    parser.add_argument(
         "--precision",
         nargs="+",
         default=["32-true"],
@@ -312,7 +335,10 @@ def main() -> None:
     def write_table(times: dict[str, list[list[float]]], steps: dict[str, list[float]]) -> None:
         args.output.write_text(table(times, steps, {}, None))
 
-    times, steps = measure_epochs(data_dir, args.rounds, args.epochs, args.compile, args.precision, write_table)
+    kinds = [*args.contenders, *(["compiled"] if args.compile else [])]
+    times, steps = measure_epochs(
+        data_dir, args.rounds, args.epochs, kinds, args.batch_sizes, args.precision, write_table
+    )
     peak_mb = template_peak_memory(data_dir)
     presets = {}
     if args.presets is not None:

@@ -143,3 +143,16 @@ def test_a_contender_that_fails_stops_the_benchmark_with_its_output(tmp_path, mn
     failing = [sys.executable, "-c", "raise SystemExit('no such data')"]
     with pytest.raises(SystemExit, match="no such data"):
         run_in_turns([waiting, failing], [tmp_path, tmp_path])
+
+
+def test_the_benchmark_times_the_contenders_asked_for(tmp_path, mnist_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from benchmark import measure_epochs
+
+    times, steps = measure_epochs(mnist_dir, 1, 3, ["plain", "bare"], [64], ["32-true"], lambda *_: None)
+    # Each run's first epoch (warm-up) is left out.
+    assert {key: [len(run) for run in runs] for key, runs in times.items()} == {
+        "plain loop|64|32-true": [2],
+        "bare Lightning|64|32-true": [2],
+    }
+    assert all(t > 0 for runs in times.values() for run in runs for t in run)
