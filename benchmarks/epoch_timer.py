@@ -66,9 +66,9 @@ class Baton:
     """Turns at epochs for processes that run at once: one runs an epoch while the others wait.
 
     benchmark.py runs the contenders of one batch size this way, handing the turn round epoch by epoch: their epochs
-    then lie seconds apart, and a slow spell of a shared machine (minutes long here) slows neighbouring epochs alike.
-    It names two pipes in the environment, ``BENCHMARK_BATON="<fd to wait on>,<fd to hand over on>"``; without it
-    there are no turns, and every method returns at once.
+    then lie seconds apart, and a slow spell of a shared machine (seconds to minutes long here) slows neighbouring
+    epochs alike. It names two pipes in the environment, ``BENCHMARK_BATON="<fd to wait on>,<fd to hand over on>"``;
+    without it there are no turns, and every method returns at once.
     """
 
     def __init__(self) -> None:
@@ -90,15 +90,15 @@ class Baton:
             os.write(self.fds[1], b".")
             self.holding = False
 
-    def settle(self, poll: float = 0.002, idle: float = 0.0002) -> float:
+    def settle(self, poll: float = 0.002, idle: float = 0.0002, limit: float = 1.0) -> float:
         """The time this process's work ended: now, or, taking turns, when its other threads stopped working.
 
         Work a thread of the process goes on with (a picture encoded, an event file written) belongs to its epoch;
         taking turns, it would otherwise run in the next contender's. The process has stopped when it uses less than
-        ``idle`` seconds of CPU in ``poll`` seconds.
+        ``idle`` seconds of CPU in ``poll`` seconds; a thread that never stops is waited for ``limit`` seconds.
         """
-        end = time.perf_counter()
-        while self.fds:
+        start = end = time.perf_counter()
+        while self.fds and end - start < limit:
             cpu = time.process_time()
             time.sleep(poll)
             if time.process_time() - cpu < idle:

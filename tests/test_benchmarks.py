@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -156,3 +157,31 @@ def test_the_benchmark_times_the_contenders_asked_for(tmp_path, mnist_dir, monke
         "bare Lightning|64|32-true": [2],
     }
     assert all(t > 0 for runs in times.values() for run in runs for t in run)
+
+
+def test_an_epoch_taking_turns_includes_its_threads_work_after_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from epoch_timer import Baton
+
+    turn_r, turn_w = os.pipe()
+    monkeypatch.setenv("BENCHMARK_BATON", f"{turn_r},{turn_w}")
+    baton = Baton()
+
+    def busy(seconds: float, stop: threading.Event) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end and not stop.is_set():
+            pass
+
+    stop = threading.Event()
+    start = time.perf_counter()
+    threading.Thread(target=busy, args=(0.3, stop)).start()
+    assert baton.settle() - start >= 0.25  # the thread's 0.3 s of work, not the moment asked
+    # A thread that does not stop is waited for up to the limit.
+    start = time.perf_counter()
+    threading.Thread(target=busy, args=(60, stop)).start()
+    try:
+        assert 0.4 <= baton.settle(limit=0.5) - start < 5
+    finally:
+        stop.set()
+    os.close(turn_r)
+    os.close(turn_w)
