@@ -150,8 +150,8 @@ def measure_epochs(
     batch_sizes: list[int],
     precisions: list[str],
     after_run: Callable[..., None],
-) -> tuple[dict[str, list[list[float]]], dict[str, list[float]]]:
-    """Epoch times (s), run by run, and quiet training-step times (ms) of every contender, by ``name|batch|precision``.
+) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]]:
+    """Epoch times (s) and quiet training-step times (ms), run by run, of every contender, by ``name|batch|precision``.
 
     The contenders of one batch size and precision run at once, taking turns at epochs (``run_in_turns``); the
     tutorial, which has nothing to be compared with epoch by epoch, runs alone. ``after_run(times, steps)`` gets
@@ -163,7 +163,7 @@ def measure_epochs(
             group = [(CONTENDERS[kind], kind, batch, precision) for kind in CONTENDERS if kind in kinds]
             groups.append([c for c in group if c[1] != "tutorial"])
     times: dict[str, list[list[float]]] = {}  # one list per run, the runs in round order
-    steps: dict[str, list[float]] = {}
+    steps: dict[str, list[list[float]]] = {}  # each epoch's quiet step, as times
     for round_ in range(rounds):
         # Each round in the other order, so that no contender always follows the same one.
         for group in groups if round_ % 2 == 0 else groups[::-1]:
@@ -199,7 +199,7 @@ def measure_epochs(
                     measured = records if kind == "tutorial" else records[1:]
                     key = f"{name}|{batch}|{precision}"
                     times.setdefault(key, []).append([r["seconds"] for r in measured])
-                    steps.setdefault(key, []).extend(r["step_ms"] for r in measured)
+                    steps.setdefault(key, []).append([r["step_ms"] for r in measured])
                     seconds = [round(r["seconds"], 3) for r in records]
                     quiet = [round(r["step_ms"], 3) for r in records]
                     print(
@@ -241,15 +241,42 @@ def paired_ratio(runs: list[list[float]], reference: list[list[float]]) -> float
     """The median of the ratios of each epoch to the reference's same epoch of the same round.
 
     The two ran taking turns (``run_in_turns``): the same epoch of each lies seconds apart, and a slow spell of the
-    machine (minutes long here) slows both alike and drops out of their ratio.
+    machine that lasts longer slows both alike and drops out of their ratio.
     """
     pairs = [a / b for run_, ref in zip(runs, reference, strict=False) for a, b in zip(run_, ref, strict=False)]
     return statistics.median(pairs) if pairs else math.nan
 
 
+def quiet_paired_ratio(
+    runs: list[list[float]],
+    reference: list[list[float]],
+    steps: list[list[float]],
+    reference_steps: list[list[float]],
+    tolerance: float = 0.05,
+) -> tuple[float, int]:
+    """``paired_ratio`` over the pairs in which neither epoch fell into a slow spell; and how many pairs those are.
+
+    An epoch is quiet when its quiet step is within ``tolerance`` of its contender's lowest. A slow spell stretches
+    the network's work for both, and the extra Python of one a smaller share of a longer step: over all pairs, the
+    spells pull the ratio towards 1.
+    """
+
+    def quiet(per_run: list[list[float]]) -> list[list[bool]]:
+        lowest = min(t for run_ in per_run for t in run_)
+        return [[t <= (1 + tolerance) * lowest for t in run_] for run_ in per_run]
+
+    pairs = [
+        a / b
+        for run_, ref, q, q_ref in zip(runs, reference, quiet(steps), quiet(reference_steps), strict=False)
+        for a, b, quiet_a, quiet_b in zip(run_, ref, q, q_ref, strict=False)
+        if quiet_a and quiet_b
+    ]
+    return (statistics.median(pairs) if pairs else math.nan), len(pairs)
+
+
 def table(
     times: dict[str, list[list[float]]],
-    steps: dict[str, list[float]],
+    steps: dict[str, list[list[float]]],
     presets: dict[str, dict[str, float]],
     peak_mb: float | None,
 ) -> str:
@@ -259,32 +286,41 @@ def table(
         f"PyTorch {torch.__version__}, Lightning {pl_version()}, Python {platform.python_version()}, {device_name()}; "
         "real MNIST. Epoch: training + validation + checkpoint saves, median over all measured epochs; paired: the "
         "median ratio of an epoch to the same epoch of the other, which ran right before or after it (the contenders "
-        "of a batch size take turns at epochs). Quiet step: a "
-        "training step when the machine is quiet: in each epoch the 10th percentile of 50-step windows' mean, the "
-        "lowest over the epochs (slow spells here last minutes, whole runs).",
+        "of a batch size take turns at epochs); quiet epochs: over the pairs of epochs whose quiet steps were both "
+        "within 5 % of their contender's lowest (in brackets: how many). Quiet step: a training step when the machine "
+        "is quiet: in each epoch the 10th percentile of 50-step windows' mean, the lowest over the epochs.",
         "",
         "| contender | batch | precision | epoch (s), median | vs plain loop | vs bare Lightning | vs bare Lightning, "
-        "paired | quiet step (ms) | vs bare Lightning | epochs measured |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "paired | paired, quiet epochs | quiet step (ms) | vs bare Lightning | epochs measured |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
     def median(key: str) -> float:
         epochs = [t for run_ in times.get(key, []) for t in run_]
         return statistics.median(epochs) if epochs else math.nan
 
+    def lowest(key: str) -> float:
+        return min((t for run_ in steps.get(key, []) for t in run_), default=math.nan)
+
     for key in times:
         name, batch, precision = key.split("|")
-        epoch, step = median(key), min(steps[key])
+        epoch, step = median(key), lowest(key)
         same = f"{batch}|{precision}"
         # The tutorial runs at 32-true only: with --precision bf16-mixed alone it has nothing to be compared with.
         plain = ratio(epoch, median(f"plain loop|{same}"))
         bare = ratio(epoch, median(f"bare Lightning|{same}"))
-        paired = paired_ratio(times[key], times.get(f"bare Lightning|{same}", []))
+        bare_key = f"bare Lightning|{same}"
+        paired, quiet, n = math.nan, math.nan, 0
+        if bare_key in times and name != "tutorial":  # the tutorial runs alone: it has no epochs beside bare's
+            paired = paired_ratio(times[key], times[bare_key])
+            quiet, n = quiet_paired_ratio(times[key], times[bare_key], steps[key], steps[bare_key])
         paired = "–" if math.isnan(paired) else f"{paired:.2f} ×"
-        bare_step = ratio(step, min(steps.get(f"bare Lightning|{same}", [math.nan])))
+        quiet = "–" if math.isnan(quiet) else f"{quiet:.2f} × ({n})"
+        bare_step = ratio(step, lowest(bare_key))
         epochs = sum(len(run_) for run_ in times[key])
         lines.append(
-            f"| {name} | {batch} | {precision} | {epoch:.2f} | {plain} | {bare} | {paired} | {step:.3f} | {bare_step} "
+            f"| {name} | {batch} | {precision} | {epoch:.2f} | {plain} | {bare} | {paired} | {quiet} | {step:.3f} "
+            f"| {bare_step} "
             f"| {epochs} |"
         )
     if peak_mb is not None:
@@ -332,7 +368,7 @@ def main() -> None:
             "or copy the four uncompressed IDX files there."
         )
 
-    def write_table(times: dict[str, list[list[float]]], steps: dict[str, list[float]]) -> None:
+    def write_table(times: dict[str, list[list[float]]], steps: dict[str, list[list[float]]]) -> None:
         args.output.write_text(table(times, steps, {}, None))
 
     kinds = [*args.contenders, *(["compiled"] if args.compile else [])]

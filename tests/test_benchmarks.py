@@ -84,22 +84,26 @@ def test_benchmark_table_compares_at_the_same_batch_and_precision_only(monkeypat
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from benchmark import table
 
-    def rows(times: dict[str, list[list[float]]], steps: dict[str, list[float]]) -> dict[tuple[str, ...], list[str]]:
-        """(contender, batch, precision) -> epoch, vs plain loop, vs bare, paired, quiet step, vs bare, epochs."""
+    def rows(times: dict[str, list[list[float]]], steps: dict[str, list[list[float]]]) -> dict[tuple, list[str]]:
+        """(contender, batch, precision) -> epoch, vs plain loop, vs bare, paired, quiet paired, quiet step, vs bare,
+        epochs."""
         lines = [line.split("|")[1:-1] for line in table(times, steps, {}, None).splitlines() if line.startswith("| ")]
         return {tuple(c.strip() for c in cells[:3]): [c.strip() for c in cells[3:]] for cells in lines[2:]}
 
     times = {"bare Lightning|32|32-true": [[2.0, 2.2]], "template|32|32-true": [[2.4, 2.6]],
              "bare Lightning|32|bf16-mixed": [[3.0]], "template|32|bf16-mixed": [[3.3]]}  # fmt: skip
-    steps = {"bare Lightning|32|32-true": [1.0, 1.1], "template|32|32-true": [1.2, 1.3],
-             "bare Lightning|32|bf16-mixed": [2.0], "template|32|bf16-mixed": [2.4]}  # fmt: skip
+    steps = {"bare Lightning|32|32-true": [[1.0, 1.1]], "template|32|32-true": [[1.2, 1.3]],
+             "bare Lightning|32|bf16-mixed": [[2.0]], "template|32|bf16-mixed": [[2.4]]}  # fmt: skip
     measured = rows(times, steps)
-    assert measured[("template", "32", "32-true")] == ["2.50", "–", "1.19 ×", "1.19 ×", "1.200", "1.20 ×", "2"]
-    assert measured[("template", "32", "bf16-mixed")] == ["3.30", "–", "1.10 ×", "1.10 ×", "2.400", "1.20 ×", "1"]
+    # Quiet epochs: only the first pair has both quiet steps within 5 % of their lowest.
+    assert measured[("template", "32", "32-true")] == ["2.50", "–", "1.19 ×", "1.19 ×", "1.20 × (1)", "1.200",
+                                                        "1.20 ×", "2"]  # fmt: skip
+    assert measured[("template", "32", "bf16-mixed")] == ["3.30", "–", "1.10 ×", "1.10 ×", "1.10 × (1)", "2.400",
+                                                           "1.20 ×", "1"]  # fmt: skip
     # The tutorial runs at 32-true only: with bf16-mixed alone timed, no ratio rather than one across precisions.
     measured = rows({"tutorial|32|32-true": [[8.0]], "bare Lightning|32|bf16-mixed": [[3.0]]},
-                    {"tutorial|32|32-true": [3.0], "bare Lightning|32|bf16-mixed": [2.0]})  # fmt: skip
-    assert measured[("tutorial", "32", "32-true")] == ["8.00", "–", "–", "–", "3.000", "–", "1"]
+                    {"tutorial|32|32-true": [[3.0]], "bare Lightning|32|bf16-mixed": [[2.0]]})  # fmt: skip
+    assert measured[("tutorial", "32", "32-true")] == ["8.00", "–", "–", "–", "–", "3.000", "–", "1"]
 
 
 def test_paired_ratio_is_not_moved_by_a_slow_spell_in_one_round(monkeypatch):
@@ -109,6 +113,16 @@ def test_paired_ratio_is_not_moved_by_a_slow_spell_in_one_round(monkeypatch):
     # Two rounds of two epochs; slow spells double the template's second epoch in round 1, both in round 2.
     bare, template = [[2.0, 2.0], [2.0, 4.0]], [[2.2, 4.4], [2.2, 4.4]]
     assert paired_ratio(template, bare) == pytest.approx(1.1)  # the pooled medians would say 3.3 / 2.0
+
+
+def test_quiet_pairs_leave_out_the_epochs_a_slow_spell_stretched(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from benchmark import quiet_paired_ratio
+
+    # A spell stretches both runs' second epochs, the network's work most: their ratio shrinks towards 1.
+    bare, template = [[2.0, 3.4, 2.0]], [[2.2, 3.6, 2.2]]
+    bare_steps, template_steps = [[1.0, 1.7, 1.01]], [[1.1, 1.8, 1.1]]
+    assert quiet_paired_ratio(template, bare, template_steps, bare_steps) == (pytest.approx(1.1), 2)
 
 
 def test_contenders_take_turns_at_epochs(tmp_path, mnist_dir, monkeypatch):
