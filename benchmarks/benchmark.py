@@ -9,10 +9,9 @@
 Each contender runs in a process of its own. Those of one batch size and precision (plain loop, bare Lightning,
 template) run at once and take turns at epochs, one epoch each, so that the shared machine's slow spells (seconds to
 minutes long) hit their neighbouring epochs alike; the order changes every round. The fewer contenders, the closer
-their epochs. An epoch is training, validation, the
-checkpoint saves at its end and what the process's other threads still do for it. It prints a markdown table and
-writes it to --output after every group, so that a run cut short (a lent GPU's time runs out) still leaves what it
-measured.
+their epochs. An epoch is training, validation, the checkpoint saves at its end and what the process's other threads
+still do for it. It prints a markdown table and writes it to --output after every group, so that a run cut short (a
+lent GPU's time runs out) still leaves what it measured.
 """
 
 import argparse
@@ -95,6 +94,7 @@ def run_in_turns(commands: list[list[str]], folders: list[Path]) -> None:
     finally:
         for _, process, *_ in running:
             process.kill()
+            process.wait()
 
 
 def epoch_records(path: Path) -> list[dict[str, float]]:
@@ -161,7 +161,8 @@ def measure_epochs(
     for batch in batch_sizes:
         for precision in precisions:
             group = [(CONTENDERS[kind], kind, batch, precision) for kind in CONTENDERS if kind in kinds]
-            groups.append([c for c in group if c[1] != "tutorial"])
+            if group := [c for c in group if c[1] != "tutorial"]:
+                groups.append(group)
     times: dict[str, list[list[float]]] = {}  # one list per run, the runs in round order
     steps: dict[str, list[list[float]]] = {}  # each epoch's quiet step, as times
     for round_ in range(rounds):
@@ -262,7 +263,7 @@ def quiet_paired_ratio(
     """
 
     def quiet(per_run: list[list[float]]) -> list[list[bool]]:
-        lowest = min(t for run_ in per_run for t in run_)
+        lowest = min((t for run_ in per_run for t in run_), default=math.inf)
         return [[t <= (1 + tolerance) * lowest for t in run_] for run_ in per_run]
 
     pairs = [
@@ -308,8 +309,8 @@ def table(
         same = f"{batch}|{precision}"
         # The tutorial runs at 32-true only: with --precision bf16-mixed alone it has nothing to be compared with.
         plain = ratio(epoch, median(f"plain loop|{same}"))
-        bare = ratio(epoch, median(f"bare Lightning|{same}"))
         bare_key = f"bare Lightning|{same}"
+        bare = ratio(epoch, median(bare_key))
         paired, quiet, n = math.nan, math.nan, 0
         if bare_key in times and name != "tutorial":  # the tutorial runs alone: it has no epochs beside bare's
             paired = paired_ratio(times[key], times[bare_key])
@@ -320,8 +321,7 @@ def table(
         epochs = sum(len(run_) for run_ in times[key])
         lines.append(
             f"| {name} | {batch} | {precision} | {epoch:.2f} | {plain} | {bare} | {paired} | {quiet} | {step:.3f} "
-            f"| {bare_step} "
-            f"| {epochs} |"
+            f"| {bare_step} | {epochs} |"
         )
     if peak_mb is not None:
         lines += ["", f"Peak memory of a `fit` with config.yaml: {peak_mb:.0f} MB."]

@@ -1,6 +1,7 @@
 """The benchmark's contenders still run: the plain loop and bare Lightning, one short epoch on synthetic data."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -123,6 +124,9 @@ def test_quiet_pairs_leave_out_the_epochs_a_slow_spell_stretched(monkeypatch):
     bare, template = [[2.0, 3.4, 2.0]], [[2.2, 3.6, 2.2]]
     bare_steps, template_steps = [[1.0, 1.7, 1.01]], [[1.1, 1.8, 1.1]]
     assert quiet_paired_ratio(template, bare, template_steps, bare_steps) == (pytest.approx(1.1), 2)
+    # Runs of one epoch measure none (the first is warm-up): no ratio, rather than an error.
+    ratio, pairs = quiet_paired_ratio([[]], [[]], [[]], [[]])
+    assert math.isnan(ratio) and pairs == 0
 
 
 def test_contenders_take_turns_at_epochs(tmp_path, mnist_dir, monkeypatch):
