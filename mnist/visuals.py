@@ -30,6 +30,12 @@ def _text_mask(text: str, size: int, anchor: str) -> tuple[Image.Image, tuple[in
     return mask, (left, top)
 
 
+@functools.lru_cache(maxsize=1024)
+def _length(text: str, size: int) -> int:
+    """How far ``text`` advances the pen, in whole pixels."""
+    return round(_font(size).getlength(text))
+
+
 def _text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, fill, size: int, anchor: str = "la") -> None:
     """``draw.text(xy, text, fill, font=_font(size), anchor=anchor)``, from a cache of rendered labels."""
     mask, (left, top) = _text_mask(text, size, anchor)
@@ -99,22 +105,29 @@ def digit_grid_image(
     n, channels, height, width = images.shape
     rows = max(1, -(-n // columns))
     # All tiles at once, nearest-neighbour scaled to (side, side) by sampling at pixel centres, as Pillow's NEAREST
-    # does: one copy to the host instead of a tensor, an image and two conversions per digit (half of the picture's
-    # cost amid training).
+    # does, and laid out in one array operation: copying tile by tile, and making an RGB picture of an RGB array,
+    # cost 1.6 ms of the grid's ~3.8 ms on a CPU, amid training.
     side = tile - 8
     pixels = (images.detach().clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()  # (N, C, H, W)
     ys = ((np.arange(side) + 0.5) * height / side).astype(int)
     xs = ((np.arange(side) + 0.5) * width / side).astype(int)
-    tiles = pixels[:, :, ys][:, :, :, xs].transpose(0, 2, 3, 1)  # (N, side, side, C)
-    corners = [((i % columns) * tile, (i // columns) * (tile + caption)) for i in range(n)]  # each digit's (x, y)
-    canvas = np.full((rows * (tile + caption), columns * tile, 3), 255, dtype=np.uint8)
-    for (x, y), picture in zip(corners, tiles, strict=True):
-        canvas[y + 4 : y + 4 + side, x + 4 : x + 4 + side] = picture  # one channel is spread over R, G and B
-    grid = Image.fromarray(canvas)
+    tiles = np.full((rows * columns, side, side, channels), 255, dtype=np.uint8)  # blank slots stay white
+    tiles[:n] = pixels[:, :, ys][:, :, :, xs].transpose(0, 2, 3, 1)  # (N, side, side, C)
+    # (rows, side, columns, side, C): each row of slots as its pixel rows will lie in the picture
+    slots = tiles.reshape(rows, columns, side, side, channels).transpose(0, 2, 1, 3, 4)
+    canvas = np.full((rows, tile + caption, columns, tile, channels), 255, dtype=np.uint8)
+    canvas[:, 4 : 4 + side, :, 4 : 4 + side] = slots
+    canvas = canvas.reshape(rows * (tile + caption), columns * tile, channels)  # (height, width, C)
+    grid = Image.fromarray(canvas[..., 0] if channels == 1 else canvas).convert("RGB")
     draw = ImageDraw.Draw(grid)
     labels = zip(targets.tolist(), predictions.tolist(), confidences.tolist(), strict=True)
-    for (x, y), (t, p, c) in zip(corners, labels, strict=True):
+    for i, (t, p, c) in enumerate(labels):
+        x, y = (i % columns) * tile, (i // columns) * (tile + caption)
         true_name, predicted = (class_names[k] if class_names else str(k) for k in (t, p))
         _text(draw, (x + 4, y + tile), _short(true_name, 14), "black", 14)
-        _text(draw, (x + 4, y + tile + 17), f"as {_short(predicted, 9)} {100 * c:.0f}%", (200, 0, 0), 14)
+        # In two labels, each of few values, so that both come from the cache: as one, nearly every caption of a
+        # validation was new, ~0.16 ms each to render.
+        prediction = f"as {_short(predicted, 9)}"
+        _text(draw, (x + 4, y + tile + 17), prediction, (200, 0, 0), 14)
+        _text(draw, (x + 4 + _length(f"{prediction} ", 14), y + tile + 17), f"{100 * c:.0f}%", (200, 0, 0), 14)
     return grid

@@ -175,10 +175,14 @@ def test_the_mistakes_grid_shows_each_digit_scaled_as_pillow_would_with_its_capt
         expected = np.asarray(picture.resize((side, side), Image.NEAREST))
         x, y = (i % 4) * tile, (i // 4) * (tile + caption)
         assert np.array_equal(grid[y + 4 : y + 4 + side, x + 4 : x + 4 + side], expected), f"digit {i}"
+        # The captions are Pillow's, drawn as two lines of text (the second from cached pieces).
+        expected = Image.new("RGB", (tile, caption), "white")
+        draw = ImageDraw.Draw(expected)
+        draw.text((4, 0), str(targets[i].item()), fill="black", font=_font(14))
+        draw.text((4, 17), f"as {predictions[i].item()} 50%", fill=(200, 0, 0), font=_font(14))
         captions = grid[y + tile : y + tile + caption, x : x + tile]
-        assert (captions != 255).any(), f"digit {i} has its caption"
-        red = (captions[..., 0] > 150) & (captions[..., 1] < 80)
-        assert red.any(), f"digit {i}'s wrong prediction is captioned in red"
+        assert np.array_equal(captions, np.asarray(expected)), f"digit {i}'s caption"
+        assert ((captions[..., 0] > 150) & (captions[..., 1] < 80)).any(), f"digit {i}'s mistake is in red"
     assert (grid[tile + caption :, 2 * tile :] == 255).all(), "the slots without a digit stay blank"
 
 
