@@ -206,13 +206,14 @@ class MNISTClassifier(pl.LightningModule):
         if self.trainer.sanity_checking or not self.trainer.is_global_zero or not self.loggers:
             return
         step = int(self._step_axis())
+        background = self.device.type != "cpu"  # a thread of its own only with cores to spare (see log_image)
         title = f"{stage} at step {step}: accuracy {matrix.diag().sum() / matrix.sum().clamp(min=1):.2%}"
         picture = confusion_matrix_image(matrix, title, self.class_names)
-        log_image(self.loggers, f"{stage}/confusion_matrix", picture, step)
+        log_image(self.loggers, f"{stage}/confusion_matrix", picture, step, background)
         images, targets, predictions, confidences = mistakes
         if len(images):
             grid = digit_grid_image(self._pixels(images), targets, predictions, confidences, self.class_names)
-            log_image(self.loggers, f"{stage}/most_confident_mistakes", grid, step)
+            log_image(self.loggers, f"{stage}/most_confident_mistakes", grid, step, background)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, plain = self._shared_step(batch, "train")

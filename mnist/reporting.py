@@ -20,15 +20,16 @@ from torch.utils.tensorboard.writer import FileWriter
 from mnist.logger import StageTensorBoardLogger
 
 
-def log_image(loggers: Iterable[Logger], tag: str, image: Image.Image, step: int) -> None:
+def log_image(loggers: Iterable[Logger], tag: str, image: Image.Image, step: int, background: bool = False) -> None:
     """Log an RGB picture to every logger that can take one.
 
     TensorBoard, W&B and MLflow through their own image APIs; CSVLogger, which has none, as a PNG file beside
-    its ``metrics.csv`` (``images/<tag>/step_<step>.png``).
+    its ``metrics.csv`` (``images/<tag>/step_<step>.png``). ``background``: this project's TensorBoard logger may
+    encode and write it on a thread of its own (``StageTensorBoardLogger.log_image``).
     """
     for logger in loggers:
         if isinstance(logger, StageTensorBoardLogger):
-            logger.log_image(tag, image, step)
+            logger.log_image(tag, image, step, background)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(tag, np.asarray(image), step, dataformats="HWC")
         elif isinstance(logger, WandbLogger):

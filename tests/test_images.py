@@ -2,6 +2,7 @@
 
 import csv
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -117,13 +118,28 @@ def test_a_logged_picture_reads_back_pixel_for_pixel(tmp_path):
 def test_pictures_written_on_their_thread_arrive_in_order_and_errors_are_raised(tmp_path):
     logger = StageTensorBoardLogger(save_dir=tmp_path, name="", version="run")
     for step in (1, 2, 3):
-        logger.log_image("val/confusion_matrix", confusion_matrix_image(torch.eye(2) * step, f"{step}"), step=step)
-    logger.log_image("val/confusion_matrix", Image.new("F", (4, 4)), step=4)  # PNG has no 32-bit float pixels
+        picture = confusion_matrix_image(torch.eye(2) * step, f"{step}")
+        logger.log_image("val/confusion_matrix", picture, step=step, background=True)
+    # PNG has no 32-bit float pixels. Not in the background, but after pictures that are: it waits its turn.
+    logger.log_image("val/confusion_matrix", Image.new("F", (4, 4)), step=4)
     with pytest.raises(OSError, match="cannot write mode F as PNG"):
         logger.finalize("success")
     events = EventAccumulator(str(tmp_path / "run" / "val"), size_guidance={"images": 0})
     events.Reload()
     assert [event.step for event in events.Images("pictures/confusion_matrix")] == [1, 2, 3]
+
+
+def test_pictures_not_in_the_background_are_written_at_once(tmp_path):
+    logger = StageTensorBoardLogger(save_dir=tmp_path, name="", version="run")
+    logger.log_image("val/confusion_matrix", confusion_matrix_image(torch.eye(2), "1"), step=1)
+    logger.save()
+    events = EventAccumulator(str(tmp_path / "run" / "val"), size_guidance={"images": 0})
+    events.Reload()
+    assert [event.step for event in events.Images("pictures/confusion_matrix")] == [1], "on disk before finalize"
+    with pytest.raises(OSError, match="cannot write mode F as PNG"):
+        logger.log_image("val/confusion_matrix", Image.new("F", (4, 4)), step=2)
+    assert not any(t.name.startswith("tensorboard-pictures") for t in threading.enumerate())
+    logger.finalize("failed")
 
 
 def test_event_records_carry_the_checksums_tensorboard_computes():
