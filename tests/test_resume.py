@@ -166,3 +166,11 @@ def test_durable_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     durable_write(path, b"new")
     assert path.read_bytes() == b"new"
+
+
+def test_durable_write_of_a_writer_that_fails_leaves_the_old_file(tmp_path):
+    path = tmp_path / "last.ckpt"
+    durable_write(path, lambda file: torch.save({"w": torch.ones(3)}, file))
+    with pytest.raises(AttributeError, match="Can't pickle local object"):  # part-way through the save
+        durable_write(path, lambda file: torch.save({"w": torch.zeros(3), "bad": lambda: 0}, file))
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3)) and os.listdir(tmp_path) == [path.name]
