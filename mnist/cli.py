@@ -38,6 +38,7 @@ from mnist.data import MNISTDataModule
 from mnist.errors import TrainingInterrupted, UserError, exit_with_message
 from mnist.logger import StageTensorBoardLogger
 from mnist.model import MNISTClassifier
+from mnist.profiler import NullProfiler
 from mnist.reporting import log_hyperparameters, print_model_summary, run_summary
 
 # `--print_completion shtab-bash` (or shtab-zsh) prints a shell completion script; it needs the optional `shtab`.
@@ -209,6 +210,8 @@ class MNISTCLI(LightningCLI):
         if trainer.get("logger") in (None, True):
             # Lightning's default logger, laid out for reading at a glance (mnist/logger.py).
             kwargs.setdefault("logger", StageTensorBoardLogger(save_dir=trainer.get("default_root_dir") or "."))
+        if trainer.get("profiler") is None:
+            kwargs.setdefault("profiler", NullProfiler())
         checkpointing = trainer.get("enable_checkpointing") is not False
         if checkpointing:
             # Also when evaluating: Lightning warns when a checkpoint's callbacks are missing.

@@ -13,6 +13,7 @@ from mnist import checkpoint_io
 from mnist.callbacks import BATCH_HOOKS, NonFiniteLossGuard, ResumableCheckpoint, skip_unused_batch_hooks
 from mnist.checkpoint_io import durable_write
 from mnist.cli import MNISTCLI
+from mnist.profiler import NullProfiler
 from tests.conftest import cli_in_process as cli
 
 STEP_HOOKS = [h for h in BATCH_HOOKS if "_batch_" not in h or h.startswith("on_train_")]
@@ -70,6 +71,20 @@ def test_lightning_calls_the_template_callbacks_only_at_the_step_hooks_they_use(
         uses = {h for h in STEP_HOOKS if getattr(kind, h) is not getattr(pl.Callback, h)}
         assert hooks == (uses - {"on_train_batch_end"} if kind in idle else uses), kind.__name__
     assert called[NonFiniteLossGuard] == called[TQDMProgressBar] == {"on_train_batch_end"}
+
+
+def test_a_run_that_asks_for_no_profiler_gets_one_that_does_nothing(tmp_path, fast_args, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+    cli = MNISTCLI(args=["fit", *fast_args])
+    profiler = cli.trainer.profiler
+    assert isinstance(profiler, NullProfiler)
+    with profiler.profile("[Callback]NonFiniteLossGuard.on_train_batch_end") as action:
+        assert action == "[Callback]NonFiniteLossGuard.on_train_batch_end"
+    # An error in a hook reaches the trainer, as with Lightning's own profilers.
+    with pytest.raises(ValueError, match="a hook failed"), profiler.profile("training_step"):
+        raise ValueError("a hook failed")
+    assert profiler.summary() == ""
 
 
 def test_checkpoints_saving_every_n_steps_are_called_at_every_step(tmp_path, fast_args, monkeypatch):
