@@ -35,8 +35,8 @@ VARIANTS = {
     "template, no progress bar": ["--trainer.enable_progress_bar", "false"],
     "template, no checkpointing": ["--trainer.enable_checkpointing", "false"],
     "template, no logger": ["--trainer.logger", "false"],
-    # Lightning's default in place of the template's profiler that does nothing faster (mnist/profiler.py): what the
-    # template adds over bare Lightning, which keeps that default.
+    # Lightning's default profiler in place of the template's faster one (mnist/profiler.py): the calls the template
+    # adds over bare Lightning, which keeps that default.
     "template, Lightning's default profiler": ["--trainer.profiler", "pytorch_lightning.profilers.PassThroughProfiler"],
 }
 
