@@ -96,7 +96,7 @@ class MNISTClassifier(pl.LightningModule):
         # synced across processes on its own. The loss is a weighted mean, exact with a smaller last batch and across
         # processes. Accuracy is the share of right predictions ("micro"), not torchmetrics' default mean over classes.
         self.train_metrics = LossAccuracy()
-        self._train_batches: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # not yet in train_metrics
+        self._train_batches: list[tuple[torch.Tensor, ...]] = []  # not yet in train_metrics
         self.val_loss_best = MinMetric()
         self.val_loss_best.persistent(True)  # in checkpoints: a resumed run goes on from the best so far
         for stage in ("val", "test"):
@@ -161,7 +161,7 @@ class MNISTClassifier(pl.LightningModule):
             loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
             plain = F.cross_entropy(logits.detach(), y) if smoothing else loss.detach()
             # Kept for one update of many batches, which costs what an update of one does (mnist.metrics).
-            self._train_batches.append((plain, LossAccuracy.right_predictions(logits, y), len(y)))
+            self._train_batches.append((plain, logits.detach().argmax(dim=1), y))
             if len(self._train_batches) >= TRAIN_METRIC_BATCHES:
                 self._update_train_metrics()
             return loss, plain
