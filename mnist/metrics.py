@@ -20,7 +20,7 @@ class LossAccuracy(Metric):
     lay among each step's large temporaries in the heap, and glibc's allocator then returned the heap's top to the
     system and faulted it back in at every step (80-240 page faults a step at batch 256, ~1 µs each, in about two
     epochs of five). The predictions and targets kept instead are a fifth of that: at batch 256 they met 0-800
-    faults an epoch in 13 of 14 epochs counted, as keeping counts did, and ~18,000 (~80 a step) in one.
+    faults an epoch in 13 of 14 epochs counted (keeping counts: 0-1,900), and ~18,000 (~80 a step) in one.
     ``MeanMetric`` plus ``MulticlassAccuracy`` would cost more again per update, mostly in their argument checks and
     generality; validation and test use them, and a test checks that both agree. The sums are added across
     processes, so the values are exact under DDP and with a smaller last batch.
