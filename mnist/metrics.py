@@ -12,18 +12,17 @@ class LossAccuracy(Metric):
     """Mean loss and accuracy over an epoch, kept as three running sums, updated with many batches at a time.
 
     This is the training step's metric. An update costs about as much for fifty batches as for one (~50 µs in a
-    training step of ~1 ms: MLP, batch 32, CPU), so the model keeps each step's detached loss, predicted classes and
-    targets and passes them in together: a step then adds one small tensor operation (the argmax), and the
-    comparison and count are made once per update. Amid a training step each small operation costs 8-20 µs on a CPU,
-    several times what it costs timed alone; counting a step's right predictions (argmax, compare, sum) took ~25 µs
-    of a ~1 ms step at batch 32, ~40 µs at batch 256. The logits are not kept: tensors of 10 KB kept across steps
-    lay among each step's large temporaries in the heap, and glibc's allocator then returned the heap's top to the
-    system and faulted it back in at every step (80-240 page faults a step at batch 256, ~1 µs each, in about two
-    epochs of five). The predictions and targets kept instead are a fifth of that: at batch 256 they met 0-800
-    faults an epoch in 13 of 14 epochs counted (keeping counts: 0-1,900), and ~18,000 (~80 a step) in one.
-    ``MeanMetric`` plus ``MulticlassAccuracy`` would cost more again per update, mostly in their argument checks and
-    generality; validation and test use them, and a test checks that both agree. The sums are added across
-    processes, so the values are exact under DDP and with a smaller last batch.
+    training step of ~1 ms: MLP, batch 32, CPU), so the model keeps each step's detached loss and which of its
+    predictions were right, and passes them in together: the count is made once per update. Amid a training step
+    each small operation costs 8-20 µs on a CPU, several times what it costs timed alone; counting a step's right
+    predictions (argmax, compare, sum) took ~25 µs of a ~1 ms step at batch 32, ~40 µs at batch 256. Nothing of the
+    batch itself is kept: a data loader may reuse its batches' memory. Nor are the logits: tensors of 10 KB kept
+    across steps lay among each step's large temporaries in the heap, and glibc's allocator then returned the heap's
+    top to the system and faulted it back in at every step (80-240 page faults a step at batch 256, ~1 µs each, in
+    about two epochs of five). What is kept instead is one byte a sample. ``MeanMetric`` plus ``MulticlassAccuracy``
+    would cost more again per update, mostly in their argument checks and generality; validation and test use them,
+    and a test checks that both agree. The sums are added across processes, so the values are exact under DDP and
+    with a smaller last batch.
     """
 
     full_state_update = False
@@ -34,17 +33,15 @@ class LossAccuracy(Metric):
         self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(
-        self, losses: Sequence[torch.Tensor], predictions: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
-    ) -> None:
-        """Add batches: each one's mean loss (a scalar tensor), predicted classes ``(B,)`` and targets ``(B,)``."""
-        sizes = [len(t) for t in targets]
+    def update(self, losses: Sequence[torch.Tensor], right: Sequence[torch.Tensor]) -> None:
+        """Add batches: each one's mean loss (a scalar tensor) and which predictions were right (``(B,)`` bool)."""
+        sizes = [len(r) for r in right]
         # Each batch's loss weighs by its size; batches of one size are summed in one operation (all but an epoch's
         # last are of one size). In place: assigning a state goes through nn.Module.__setattr__, which costs more.
         for size in set(sizes):
             same = [loss for loss, n in zip(losses, sizes, strict=True) if n == size]
             self.loss_sum.add_(torch.stack(same).sum(), alpha=size)
-        self.correct.add_((torch.cat(list(predictions)) == torch.cat(list(targets))).sum())
+        self.correct.add_(torch.cat(list(right)).sum())
         self.count.add_(sum(sizes))
 
     def compute(self) -> dict[str, torch.Tensor]:

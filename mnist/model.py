@@ -161,7 +161,7 @@ class MNISTClassifier(pl.LightningModule):
             loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
             plain = F.cross_entropy(logits.detach(), y) if smoothing else loss.detach()
             # Kept for one update of many batches, which costs what an update of one does (mnist.metrics).
-            self._train_batches.append((plain, logits.detach().argmax(dim=1), y))
+            self._train_batches.append((plain, logits.detach().argmax(dim=1) == y))
             if len(self._train_batches) >= TRAIN_METRIC_BATCHES:
                 self._update_train_metrics()
             return loss, plain

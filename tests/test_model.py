@@ -118,7 +118,7 @@ def test_training_metric_agrees_with_torchmetrics():
         y = torch.randint(0, 10, (size,))
         logits = torch.randn(size, 10) + 2 * F.one_hot(y, 10)  # mostly right, not all
         loss = F.cross_entropy(logits, y, reduction="none")[: size // 2].mean()  # not the batch's own mean
-        batches.append((loss, logits.argmax(dim=1), y))
+        batches.append((loss, logits.argmax(dim=1) == y))
         mean.update(loss, weight=size)
         accuracy.update(logits, y)
     ours.update(*zip(*batches[:2], strict=True))  # in two updates of several batches
@@ -128,7 +128,7 @@ def test_training_metric_agrees_with_torchmetrics():
     torch.testing.assert_close(values["acc"], accuracy.compute())
     assert 0.3 < values["acc"] < 0.95
     ours.reset()
-    ours.update([torch.tensor(1.5)], [torch.tensor([0, 1, 2, 3])], [torch.tensor([0, 1, 2, 0])])
+    ours.update([torch.tensor(1.5)], [torch.tensor([True, True, True, False])])
     assert ours.compute() == {"loss": torch.tensor(1.5), "acc": torch.tensor(0.75)}
 
 
