@@ -9,21 +9,18 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
-def durable_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``.
+def durable_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Let ``write`` fill ``path`` so that ``path`` holds either its old content or all that ``write`` wrote.
 
-    ``data``: the bytes, or a function that writes them to the file it is given (no copy of them in memory). They go
-    to a temporary file beside ``path``, are flushed to the disk, and the file is renamed over ``path`` (atomic on
-    POSIX); the directory is then flushed so that the rename itself survives a power cut.
+    ``write`` writes to the file it is given (no copy of the data in memory): a temporary file beside ``path``, which
+    is flushed to the disk and renamed over ``path`` (atomic on POSIX); the directory is then flushed so that the
+    rename itself survives a power cut.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

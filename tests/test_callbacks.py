@@ -131,9 +131,9 @@ def test_an_improving_epoch_writes_last_ckpt_once_after_the_best(tmp_path, fast_
     # last.ckpt; the resumable checkpoint, called after it, must not write last.ckpt again.
     written = []
 
-    def recording_write(path, data):
+    def recording_write(path, write):
         written.append(path.name)
-        durable_write(path, data)
+        durable_write(path, write)
 
     monkeypatch.setattr(checkpoint_io, "durable_write", recording_write)
     monkeypatch.chdir(tmp_path)

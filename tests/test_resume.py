@@ -144,7 +144,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_old_file_whole(tmp_path):
     torch.save(old, path)
     writer = subprocess.Popen([sys.executable, "-c", (
         "import sys; from pathlib import Path; from mnist.checkpoint_io import durable_write\n"
-        "durable_write(Path(sys.argv[1]), b'x' * 400_000_000)"), str(path)], cwd=ROOT)  # fmt: skip
+        "durable_write(Path(sys.argv[1]), lambda f: f.write(b'x' * 400_000_000))"), str(path)], cwd=ROOT)  # fmt: skip
     wait_for(lambda: any(p.name.startswith(".last.ckpt.tmp") and p.stat().st_size > 0 for p in tmp_path.iterdir()),
              writer, timeout=60)  # fmt: skip
     writer.send_signal(signal.SIGKILL)
@@ -154,17 +154,17 @@ def test_kill_during_a_checkpoint_write_leaves_the_old_file_whole(tmp_path):
 
 def test_durable_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     path = tmp_path / "file"
-    durable_write(path, b"old")
+    durable_write(path, lambda file: file.write(b"old"))
 
     def crash(*args):
         raise OSError("power cut before the rename")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
-        durable_write(path, b"new")
+        durable_write(path, lambda file: file.write(b"new"))
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["file"]
     monkeypatch.undo()
-    durable_write(path, b"new")
+    durable_write(path, lambda file: file.write(b"new"))
     assert path.read_bytes() == b"new"
 
 
