@@ -96,7 +96,7 @@ class MNISTClassifier(pl.LightningModule):
         # synced across processes on its own. The loss is a weighted mean, exact with a smaller last batch and across
         # processes. Accuracy is the share of right predictions ("micro"), not torchmetrics' default mean over classes.
         self.train_metrics = LossAccuracy()
-        self._train_batches: list[tuple[torch.Tensor, ...]] = []  # not yet in train_metrics
+        self._train_batches: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss, right) not yet in train_metrics
         self.val_loss_best = MinMetric()
         self.val_loss_best.persistent(True)  # in checkpoints: a resumed run goes on from the best so far
         for stage in ("val", "test"):
