@@ -204,6 +204,11 @@ class NonFiniteLossGuard(pl.Callback):
         self.check_every_n_steps = check_every_n_steps
         self._weights_checked_at: int | None = None  # the training step whose weights were last found finite
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A step count names the weights only within one run: a callback reused for another fit, or a fit after
+        # Lightning's learning-rate finder restored the weights, counts its steps from the start again.
+        self._weights_checked_at = None
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         every = self.check_every_n_steps
         if every is None:

@@ -13,6 +13,7 @@ from mnist import checkpoint_io
 from mnist.callbacks import BATCH_HOOKS, NonFiniteLossGuard, ResumableCheckpoint, skip_unused_batch_hooks
 from mnist.checkpoint_io import durable_write
 from mnist.cli import MNISTCLI
+from mnist.errors import UserError
 from mnist.profiler import NullProfiler
 from tests.conftest import cli_in_process as cli
 
@@ -85,6 +86,26 @@ def test_a_run_that_asks_for_no_profiler_gets_one_that_does_nothing(tmp_path, fa
     with pytest.raises(ValueError, match="a hook failed"), profiler.profile("training_step"):
         raise ValueError("a hook failed")
     assert profiler.summary() == ""
+
+
+def test_a_guard_used_for_a_second_fit_checks_its_weights_again(tmp_path):
+    # Both fits end at step 2, and the first one's weights were found finite there: the second one's, broken after
+    # its fit, must be checked on their own.
+    guard = NonFiniteLossGuard()
+    for broken in (False, True):
+        model = BoringModel()
+        trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=2, callbacks=[guard], logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             limit_val_batches=0)  # fmt: skip
+        trainer.fit(model)
+        path = tmp_path / f"broken-{broken}.ckpt"
+        if not broken:
+            trainer.save_checkpoint(path)
+        else:
+            torch.nn.init.constant_(model.layer.weight, float("nan"))
+            with pytest.raises(UserError, match="the weights are no longer finite"):
+                trainer.save_checkpoint(path)
+        assert path.exists() != broken
 
 
 def test_checkpoints_saving_every_n_steps_are_called_at_every_step(tmp_path, fast_args, monkeypatch):
