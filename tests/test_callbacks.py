@@ -108,6 +108,31 @@ def test_a_guard_used_for_a_second_fit_checks_its_weights_again(tmp_path):
         assert path.exists() != broken
 
 
+class LossTurnsNaN(BoringModel):
+    """Its loss is NaN from the fourth training step on."""
+
+    def training_step(self, batch, batch_idx: int):
+        output = super().training_step(batch, batch_idx)
+        return {"loss": output["loss"] * float("nan")} if batch_idx >= 3 else output
+
+
+class LossTurnsNaNOnAnAccelerator(LossTurnsNaN):
+    @property
+    def device(self) -> torch.device:  # what the guard sees; the fit runs on the CPU
+        return torch.device("cuda")
+
+
+@pytest.mark.parametrize(("model", "stopped_at"), [(LossTurnsNaN, 4), (LossTurnsNaNOnAnAccelerator, 5)])
+def test_the_guard_checks_the_loss_at_every_step_on_a_cpu_and_at_logging_steps_elsewhere(tmp_path, model, stopped_at):
+    # The fourth step (step 3 before its update, 4 after it) is the first with a NaN loss; with log_every_n_steps 5
+    # the first check on an accelerator comes after the fifth step.
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=20, callbacks=[NonFiniteLossGuard()], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, log_every_n_steps=5)  # fmt: skip
+    with pytest.raises(UserError, match=f"training stopped at step {stopped_at} .*the loss is nan"):
+        trainer.fit(model())
+
+
 def test_checkpoints_saving_every_n_steps_are_called_at_every_step(tmp_path, fast_args, monkeypatch):
     steps = ["--checkpoint.every_n_train_steps", "2", "--resumable.every_n_train_steps", "3"]
     called = step_hooks_called(tmp_path, monkeypatch, [*fast_args, *steps])
