@@ -39,14 +39,17 @@ class CountingSubclass(Counting):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
+def plain_trainer(tmp_path, callbacks: list[pl.Callback], **kwargs) -> pl.Trainer:
+    """A Trainer with only ``callbacks`` of its own: no logger, checkpoints, progress bar, summary or validation."""
+    return pl.Trainer(default_root_dir=tmp_path, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, **kwargs)  # fmt: skip
+
+
 def test_skipped_hooks_leave_the_ones_a_callback_uses_running(tmp_path):
     callbacks = [Counting(), CountingSubclass()]
     skip_unused_batch_hooks(callbacks)
     assert callbacks[0].on_before_backward is None and callbacks[0].on_train_batch_start is None
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path, max_steps=5, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-    )  # fmt: skip
+    trainer = plain_trainer(tmp_path, callbacks, max_steps=5)
     trainer.fit(BoringModel())
     for callback in callbacks:
         assert callback.calls == {"on_train_batch_end": 5, "on_after_backward": 5}
@@ -94,9 +97,7 @@ def test_a_guard_used_for_a_second_fit_checks_its_weights_again(tmp_path):
     guard = NonFiniteLossGuard()
     for broken in (False, True):
         model = BoringModel()
-        trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=2, callbacks=[guard], logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             limit_val_batches=0)  # fmt: skip
+        trainer = plain_trainer(tmp_path, [guard], max_steps=2)
         trainer.fit(model)
         path = tmp_path / f"broken-{broken}.ckpt"
         if not broken:
@@ -126,9 +127,7 @@ class LossTurnsNaNOnAnAccelerator(LossTurnsNaN):
 def test_the_guard_checks_the_loss_at_every_step_on_a_cpu_and_at_logging_steps_elsewhere(tmp_path, model, stopped_at):
     # The fourth step (step 3 before its update, 4 after it) is the first with a NaN loss; with log_every_n_steps 5
     # the first check on an accelerator comes after the fifth step.
-    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=20, callbacks=[NonFiniteLossGuard()], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, log_every_n_steps=5)  # fmt: skip
+    trainer = plain_trainer(tmp_path, [NonFiniteLossGuard()], max_steps=20, log_every_n_steps=5)
     with pytest.raises(UserError, match=f"training stopped at step {stopped_at} .*the loss is nan"):
         trainer.fit(model())
 
