@@ -25,7 +25,8 @@ def log_image(loggers: Iterable[Logger], tag: str, image: Image.Image, step: int
 
     TensorBoard, W&B and MLflow through their own image APIs; CSVLogger, which has none, as a PNG file beside
     its ``metrics.csv`` (``images/<tag>/step_<step>.png``). ``background``: this project's TensorBoard logger may
-    encode and write it on a thread of its own (``StageTensorBoardLogger.log_image``).
+    encode and write it on a thread of its own (``StageTensorBoardLogger.log_image``), which ``wait_for_pictures``
+    waits for.
     """
     for logger in loggers:
         if isinstance(logger, StageTensorBoardLogger):
@@ -40,6 +41,13 @@ def log_image(loggers: Iterable[Logger], tag: str, image: Image.Image, step: int
             path = Path(logger.log_dir) / "images" / tag / f"step_{step:06d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path)
+
+
+def wait_for_pictures(loggers: Iterable[Logger]) -> None:
+    """Wait until every picture ``log_image`` handed to a thread of its own is written."""
+    for logger in loggers:
+        if isinstance(logger, StageTensorBoardLogger):
+            logger.wait_for_pictures()
 
 
 def log_hyperparameters(loggers: Iterable[Logger], params: dict[str, bool | int | float | str]) -> None:

@@ -3,16 +3,19 @@
 import csv
 import io
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 from tensorboard.summary.writer import record_writer
 
+from mnist import logger as logger_module
 from mnist.crc32c import CHUNK, SMALL, masked_crc32c
 from mnist.errors import UserError
 from mnist.images import image_files, load_digits, to_mnist
@@ -140,6 +143,50 @@ def test_pictures_not_in_the_background_are_written_at_once(tmp_path):
         logger.log_image("val/confusion_matrix", Image.new("F", (4, 4)), step=2)
     assert not any(t.name.startswith("tensorboard-pictures") for t in threading.enumerate())
     logger.finalize("failed")
+
+
+def test_waiting_for_pictures_writes_them_and_raises_their_error(tmp_path):
+    logger = StageTensorBoardLogger(save_dir=tmp_path, name="", version="run")
+    for step in (1, 2):
+        logger.log_image("val/confusion_matrix", confusion_matrix_image(torch.eye(2), "1"), step=step, background=True)
+    logger.wait_for_pictures()
+    logger.save()
+    events = EventAccumulator(str(tmp_path / "run" / "val"), size_guidance={"images": 0})
+    events.Reload()
+    assert [event.step for event in events.Images("pictures/confusion_matrix")] == [1, 2], "on disk before finalize"
+    logger.log_image("val/confusion_matrix", Image.new("F", (4, 4)), step=3, background=True)
+    with pytest.raises(OSError, match="cannot write mode F as PNG"):
+        logger.wait_for_pictures()
+    logger.finalize("success")  # the error was raised once, by the wait
+    assert not any(t.name.startswith("tensorboard-pictures") for t in threading.enumerate())
+
+
+class PicturesPendingAtTraining(pl.Callback):
+    """Counts, at the first training batch of every epoch but the first, the pictures still being written."""
+
+    pending: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.current_epoch > 0 and batch_idx == 0:
+            type(self).pending.append(sum(not f.done() for f in trainer.logger._pictures_pending))
+
+
+def test_training_on_a_cpu_waits_for_the_pictures_of_the_validation_before(fast_args, tmp_path, monkeypatch):
+    # Encoding made slow enough that training would start beside it: it must wait, not share the CPU.
+    encode = logger_module.png_summary
+    monkeypatch.setattr(logger_module, "png_summary", lambda *args: time.sleep(0.3) or encode(*args))
+    monkeypatch.setattr(PicturesPendingAtTraining, "pending", [])
+    monkeypatch.chdir(tmp_path)
+    cli(
+        [
+            "fit",
+            *fast_args,
+            "--trainer.max_epochs",
+            "3",
+            "--trainer.callbacks+=tests.test_images.PicturesPendingAtTraining",
+        ]
+    )
+    assert PicturesPendingAtTraining.pending == [0, 0]
 
 
 def test_event_records_carry_the_checksums_tensorboard_computes():
