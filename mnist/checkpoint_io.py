@@ -26,18 +26,57 @@ def durable_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
+    _flush_directory(path.parent)
+
+
+def durable_link(source: Path, path: Path) -> bool:
+    """Make ``path`` a second name of the file ``source`` (a hard link), replacing ``path`` as `durable_write` does.
+
+    ``source`` is not copied: a later `durable_write` of either name replaces that name only, and removing one name
+    leaves the other. False where the link cannot be made (a file system without hard links, ``source`` gone);
+    ``path`` is then unchanged.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
     try:
-        os.fsync(directory)
+        os.link(source, tmp)
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, path)
     finally:
-        os.close(directory)
+        tmp.unlink(missing_ok=True)
+    _flush_directory(path.parent)
+    return True
+
+
+def _flush_directory(directory: Path) -> None:
+    """Flush a directory's entries to the disk, so that a rename in it survives a power cut."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 class DurableCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint I/O with local files written by `durable_write`; remote paths go through Lightning."""
+    """Lightning's checkpoint I/O with local files written by `durable_write`; remote paths go through Lightning.
+
+    Attributes:
+        last_full_save: The local file it wrote last and that checkpoint's training step, if that was a full checkpoint
+            (with the optimizer's and the loops' state, not the weights only), so that another name can be linked to
+            it (``mnist.callbacks.ResumableCheckpoint``); None otherwise.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_full_save: tuple[Path, int] | None = None
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        self.last_full_save = None
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         # Straight into the file: through a buffer in memory, a save of the MLP took 0.5 ms more (~2.5 ms in all).
         durable_write(Path(path), lambda file: torch.save(checkpoint, file))
+        if "optimizer_states" in checkpoint and "loops" in checkpoint:
+            self.last_full_save = (Path(path), checkpoint.get("global_step"))

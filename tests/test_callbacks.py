@@ -171,9 +171,8 @@ def test_a_signal_stops_cleanly_with_checkpointing_off(tmp_path, fast_args, monk
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_an_improving_epoch_writes_last_ckpt_once_after_the_best(tmp_path, fast_args, monkeypatch):
-    # The logged step grows, so with mode max every epoch improves and the checkpoint callback writes the best and
-    # last.ckpt; the resumable checkpoint, called after it, must not write last.ckpt again.
+def record_writes(monkeypatch) -> list[str]:
+    """The names of the checkpoint files written from now on, in order (links are not writes)."""
     written = []
 
     def recording_write(path, write):
@@ -181,9 +180,80 @@ def test_an_improving_epoch_writes_last_ckpt_once_after_the_best(tmp_path, fast_
         durable_write(path, write)
 
     monkeypatch.setattr(checkpoint_io, "durable_write", recording_write)
+    return written
+
+
+def test_an_epoch_that_improves_makes_last_ckpt_a_link_to_the_best_not_a_second_save(tmp_path, fast_args, monkeypatch):
+    # The logged step grows, so with mode max every epoch improves and the checkpoint callback saves the best; the
+    # resumable checkpoint, called after it, gives last.ckpt that file instead of saving the same state again.
+    written = record_writes(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", *fast_args, "--trainer.max_epochs", "2", "--checkpoint.monitor", "step", "--checkpoint.mode", "max"])
+    assert [name[:7] for name in written] == ["epoch00", "epoch01"]
+    checkpoints = tmp_path / "logs/lightning_logs/version_0/checkpoints"
+    (best,) = checkpoints.glob("epoch*.ckpt")  # the first epoch's best removed, as before
+    assert best.name.startswith("epoch01")
+    assert (checkpoints / "last.ckpt").samefile(best)
+
+
+def test_an_epoch_that_does_not_improve_saves_last_ckpt_and_leaves_the_best_linked_before(
+    tmp_path, fast_args, monkeypatch
+):
+    # With mode min the growing step improves at the first epoch only: last.ckpt is first a link to that best
+    # checkpoint, then saved in full at the two later epochs, which must replace the link, not write through it.
+    written = record_writes(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", *fast_args, "--trainer.max_epochs", "3", "--checkpoint.monitor", "step", "--checkpoint.mode", "min"])
+    assert [name[:7] for name in written] == ["epoch00", "last.ck", "last.ck"]
+    checkpoints = tmp_path / "logs/lightning_logs/version_0/checkpoints"
+    (best,) = checkpoints.glob("epoch*.ckpt")
+    best_state = torch.load(best, weights_only=True)
+    last_state = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert (best_state["epoch"], last_state["epoch"]) == (0, 2)
+    assert last_state["global_step"] == 3 * best_state["global_step"]
+
+
+def test_without_hard_links_last_ckpt_is_saved_in_full(tmp_path, fast_args, monkeypatch):
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")  # as a file system without hard links answers
+
+    written = record_writes(monkeypatch)
+    monkeypatch.setattr(os, "link", no_links)
     monkeypatch.chdir(tmp_path)
     cli(["fit", *fast_args, "--trainer.max_epochs", "2", "--checkpoint.monitor", "step", "--checkpoint.mode", "max"])
     assert [name[:7] for name in written] == ["epoch00", "last.ck", "epoch01", "last.ck"]
+    checkpoints = tmp_path / "logs/lightning_logs/version_0/checkpoints"
+    (best,) = checkpoints.glob("epoch*.ckpt")
+    last = checkpoints / "last.ckpt"
+    assert not last.samefile(best)
+    assert torch.load(last, weights_only=True)["global_step"] == torch.load(best, weights_only=True)["global_step"]
+    assert not list(checkpoints.glob(".*"))  # no temporary file left
+
+
+class FailsAtStep3(BoringModel):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise RuntimeError("failed at step 3")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_fit_that_fails_leaves_the_checkpoint_callback_saving_last_ckpt_as_configured(tmp_path):
+    # During a fit the resumable checkpoint writes last.ckpt in the checkpoint callback's place. Lightning calls no
+    # teardown hook after an exception: the callbacks used again (in a notebook, say) must still write last.ckpt.
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    callbacks = [checkpoint, ResumableCheckpoint()]
+
+    def trainer() -> pl.Trainer:
+        quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+        return pl.Trainer(default_root_dir=tmp_path, callbacks=callbacks, limit_val_batches=0, max_epochs=1,
+                          limit_train_batches=5, **quiet)  # fmt: skip
+
+    with pytest.raises(RuntimeError, match="failed at step 3"):
+        trainer().fit(FailsAtStep3())
+    assert checkpoint.save_last is True
+    trainer().fit(BoringModel())
+    assert checkpoint.save_last is True
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
 def test_a_checkpoint_never_keeps_weights_that_are_not_finite(tmp_path, fast_args, monkeypatch, capsys):
