@@ -17,16 +17,15 @@ def durable_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     rename itself survives a power cut.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+
+    def fill(tmp: Path) -> bool:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _flush_directory(path.parent)
+        return True
+
+    _replace_from_temporary(path, fill)
 
 
 def durable_link(source: Path, path: Path) -> bool:
@@ -36,13 +35,27 @@ def durable_link(source: Path, path: Path) -> bool:
     leaves the other. False where the link cannot be made (a file system without hard links, ``source`` gone);
     ``path`` is then unchanged.
     """
+
+    def fill(tmp: Path) -> bool:
+        tmp.unlink(missing_ok=True)  # os.link does not overwrite
+        try:
+            os.link(source, tmp)
+        except OSError:
+            return False
+        return True
+
+    return _replace_from_temporary(path, fill)
+
+
+def _replace_from_temporary(path: Path, fill: Callable[[Path], bool]) -> bool:
+    """Let ``fill`` make a temporary file beside ``path``, rename it over ``path`` and flush the directory.
+
+    ``fill`` returns False to leave ``path`` as it was; whatever it made is removed, also when it raises.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
     try:
-        os.link(source, tmp)
-    except OSError:
-        return False
-    try:
+        if not fill(tmp):
+            return False
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
