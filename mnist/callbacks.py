@@ -159,8 +159,7 @@ class ResumableCheckpoint(StopOnSignal, Checkpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._saved_at_step = self._last_at_step = None  # step counts name states only within one fit
         callback = model_checkpoint(trainer)
-        # (Or still this callback's, should a fit have ended without giving it back.)
-        if stage == "fit" and callback is not None and (callback.save_last is True or callback is self._keeps_last_of):
+        if stage == "fit" and callback is not None and callback.save_last is True:
             # With a monitor, Lightning 2.6 writes last.ckpt only at a step where it saves the monitored checkpoint,
             # that is where the monitored value improved: after an epoch that did not improve it, last.ckpt held an
             # older epoch and `--ckpt_path last` went back to it. Where it did, it saved the same state twice. This
@@ -260,8 +259,8 @@ class NonFiniteLossGuard(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # The parameters, not the whole state dict: a metric's state may rightly be infinite (the best loss so far
         # starts at inf). Raised before the file is written: the one from before stays (see mnist.checkpoint_io).
-        # Weights change only at an optimizer step: the best checkpoint and last.ckpt of one epoch end, saved at the
-        # same step, need one check (~0.6 ms for the MLP on a CPU).
+        # Weights change only at an optimizer step: two saves at one step (the best checkpoint and last.ckpt, where
+        # last.ckpt cannot be a link to it) need one check (~0.6 ms for the MLP on a CPU).
         if self._weights_checked_at == trainer.global_step:
             return
         weights = [p.detach() for p in pl_module.parameters()]
