@@ -40,9 +40,11 @@ class CountingSubclass(Counting):
 
 
 def plain_trainer(tmp_path, callbacks: list[pl.Callback], **kwargs) -> pl.Trainer:
-    """A Trainer with only ``callbacks`` of its own: no logger, checkpoints, progress bar, summary or validation."""
-    return pl.Trainer(default_root_dir=tmp_path, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, **kwargs)  # fmt: skip
+    """A Trainer with only ``callbacks`` of its own: no logger, checkpoints, progress bar, summary or validation,
+    unless ``kwargs`` switch one on."""
+    plain = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+             "enable_model_summary": False, "limit_val_batches": 0}  # fmt: skip
+    return pl.Trainer(default_root_dir=tmp_path, callbacks=callbacks, **{**plain, **kwargs})
 
 
 def test_skipped_hooks_leave_the_ones_a_callback_uses_running(tmp_path):
@@ -244,9 +246,7 @@ def test_a_fit_that_fails_leaves_the_checkpoint_callback_saving_last_ckpt_as_con
     callbacks = [checkpoint, ResumableCheckpoint()]
 
     def trainer() -> pl.Trainer:
-        quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
-        return pl.Trainer(default_root_dir=tmp_path, callbacks=callbacks, limit_val_batches=0, max_epochs=1,
-                          limit_train_batches=5, **quiet)  # fmt: skip
+        return plain_trainer(tmp_path, callbacks, enable_checkpointing=True, max_epochs=1, limit_train_batches=5)
 
     with pytest.raises(RuntimeError, match="failed at step 3"):
         trainer().fit(FailsAtStep3())
