@@ -115,6 +115,15 @@ def test_predict_writes_a_csv_into_the_run(trained, mnist_dir, capsys):
     assert accuracy > 0.5, "two epochs on the synthetic digits should learn most of them"
 
 
+def test_step_curves_with_accumulated_gradients_log_each_optimizer_step_once(tmp_path, fast_args, monkeypatch):
+    # 16 batches an epoch, 2 a step: 8 steps an epoch. Logged every 3rd step (2, 5, ...), at the batch that makes it.
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", *fast_args, "--trainer.accumulate_grad_batches", "2", "--trainer.log_every_n_steps", "3"])
+    curves = scalars(tmp_path / RUN)
+    assert [s.step for s in curves["train/loss_step"]] == [2, 5, 8, 11, 14]
+    assert [s.step for s in curves["train/loss"]] == [8, 16]
+
+
 def test_second_fit_opens_a_new_run_and_resume_continues_it(tmp_path, fast_args, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runs = tmp_path / "logs" / "lightning_logs"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mnist.checkpoint_io import durable_write
+from tests import tensorboard_view as tb
 from tests.conftest import CONFIG, ROOT, assert_same_weights, run_main
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,8 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def args(mnist_dir) -> list[str]:
     return ["fit", "--config", str(CONFIG), "--data.data_dir", str(mnist_dir), "--data.val_size", "100",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]  # fmt: skip
+            "--trainer.log_every_n_steps", "3", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,8 @@ def uninterrupted(tmp_path_factory, mnist_dir) -> Path:
     """A 3-epoch run, never stopped: what every interrupted and resumed run must end with, bit for bit."""
     cwd = tmp_path_factory.mktemp("reference")
     result = run_main(["fit", "--config", str(CONFIG), "--data.data_dir", str(mnist_dir), "--data.val_size", "100",
-                       "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false"], cwd=cwd)  # fmt: skip
+                       "--trainer.max_epochs", "3", "--trainer.log_every_n_steps", "3",
+                       "--trainer.enable_progress_bar", "false"], cwd=cwd)  # fmt: skip
     assert result.returncode == 0, result.stderr
     return cwd / "logs" / "lightning_logs" / "version_0"
 
@@ -52,6 +55,7 @@ def test_resume_from_an_epoch_end_checkpoint_is_exact(tmp_path, args, uninterrup
     resumed = run_main([*args, "--trainer.max_epochs", "3", "--ckpt_path", "last"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(weights(tmp_path / "logs/lightning_logs/version_0"), weights(uninterrupted))
+    assert_same_step_curve(tmp_path, uninterrupted)
 
 
 def test_resume_from_a_mid_epoch_step_checkpoint_continues_at_the_next_batch(tmp_path, args, uninterrupted):
@@ -66,6 +70,15 @@ def test_resume_from_a_mid_epoch_step_checkpoint_continues_at_the_next_batch(tmp
     resumed = run_main([*args, "--trainer.max_epochs", "3", "--ckpt_path", "last"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(weights(tmp_path / "logs/lightning_logs/version_0"), weights(uninterrupted))
+    assert_same_step_curve(tmp_path, uninterrupted)
+
+
+def assert_same_step_curve(cwd: Path, uninterrupted: Path) -> None:
+    """The resumed run's step curve went on at the steps, and with the values, of the run never stopped."""
+    curve = tb.scalars(tb.load(cwd / "logs"), "lightning_logs/version_0/train")["loss_step"]
+    reference = tb.scalars(tb.load(uninterrupted.parent.parent), "lightning_logs/version_0/train")["loss_step"]
+    assert [step for step, _ in reference] == list(range(2, 48, 3))  # every 3rd step of 48
+    assert curve == reference
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
