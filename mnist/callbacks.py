@@ -221,6 +221,20 @@ def last_checkpoint_path(trainer: pl.Trainer) -> Path | None:
     return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of the tensors is finite (not NaN, not infinite); one wait for an accelerator.
+
+    A NaN or an infinity makes a sum NaN or infinite, and a sum is one pass over the data: `torch.isfinite` over every
+    element took ~12x as long on a CPU (~300 µs against ~25 µs for the MLP's weights, timed alone; ~2 ms a checkpoint
+    amid training). Finite values can still add up past the largest float, so a sum that is not finite is followed by
+    the check element by element.
+    """
+    total = torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum()
+    if bool(torch.isfinite(total)):
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 class NonFiniteLossGuard(pl.Callback):
     """Stops training at the first NaN or infinite loss or weight, before it reaches a checkpoint.
 
@@ -256,15 +270,25 @@ class NonFiniteLossGuard(pl.Callback):
             return
         self._stop(trainer, f"the loss is {loss.item()}")
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The checkpoints saved after a validation hold the weights as they are now: checked here, before the
+        # validation hands its pictures to a thread of their own (mnist.reporting.log_image). Beside that thread the
+        # check's operations waited for a core, 2-3.5 ms instead of ~0.2 (MLP, 2-core CPU, amid training).
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._check_weights(trainer, pl_module)
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # Raised before the file is written: the one from before stays (see mnist.checkpoint_io).
+        self._check_weights(trainer, pl_module)
+
+    def _check_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The parameters, not the whole state dict: a metric's state may rightly be infinite (the best loss so far
-        # starts at inf). Raised before the file is written: the one from before stays (see mnist.checkpoint_io).
-        # Weights change only at an optimizer step: two saves at one step (the best checkpoint and last.ckpt, where
-        # last.ckpt cannot be a link to it) need one check (~0.6 ms for the MLP on a CPU).
+        # starts at inf). Weights change only at an optimizer step: a validation and the saves after it at one step
+        # need one check.
         if self._weights_checked_at == trainer.global_step:
             return
         weights = [p.detach() for p in pl_module.parameters()]
-        if weights and not bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()):  # one host sync
+        if weights and not all_finite(weights):
             self._stop(trainer, "the weights are no longer finite after the last update")
         self._weights_checked_at = trainer.global_step
 

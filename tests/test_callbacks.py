@@ -10,7 +10,13 @@ from pytorch_lightning.demos.boring_classes import BoringModel
 from pytorch_lightning.profilers import SimpleProfiler
 
 from mnist import checkpoint_io
-from mnist.callbacks import BATCH_HOOKS, NonFiniteLossGuard, ResumableCheckpoint, skip_unused_batch_hooks
+from mnist.callbacks import (
+    BATCH_HOOKS,
+    NonFiniteLossGuard,
+    ResumableCheckpoint,
+    all_finite,
+    skip_unused_batch_hooks,
+)
 from mnist.checkpoint_io import durable_write
 from mnist.cli import MNISTCLI
 from mnist.errors import UserError
@@ -254,6 +260,51 @@ def test_a_fit_that_fails_leaves_the_checkpoint_callback_saving_last_ckpt_as_con
     trainer().fit(BoringModel())
     assert checkpoint.save_last is True
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+class WeightsTurnNaN(BoringModel):
+    """Its last update of the second epoch leaves a weight NaN, with the loss of that step still finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validated_at: list[int] = []  # the steps at which a validation started
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.current_epoch == 1 and batch_idx == self.trainer.num_training_batches - 1:
+            with torch.no_grad():
+                self.layer.weight[0, 0] = float("nan")
+
+    def on_validation_start(self) -> None:
+        self.validated_at.append(self.global_step)
+
+
+def test_weights_that_are_not_finite_stop_the_fit_before_its_validation(tmp_path):
+    # The epoch-end checkpoints follow the validation; the guard stops the fit before either.
+    saving = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = plain_trainer(
+        tmp_path, [NonFiniteLossGuard(), saving], enable_checkpointing=True, limit_val_batches=2,
+        limit_train_batches=4, max_epochs=3, num_sanity_val_steps=0,
+    )  # fmt: skip
+    model = WeightsTurnNaN()
+    with pytest.raises(UserError, match="training stopped at step 8 .*the weights are no longer finite"):
+        trainer.fit(model)
+    assert model.validated_at == [4]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [
+        ([1.0, -2.0], True),
+        ([3e38, 3e38], True),  # finite, though their sum is not: looked at element by element
+        ([1.0, float("nan")], False),
+        ([1.0, float("inf")], False),
+        ([float("inf"), float("-inf")], False),  # a NaN sum
+    ],
+)
+def test_all_finite_looks_at_every_element(values, finite):
+    assert all_finite([torch.zeros(3), torch.tensor(values)]) is finite
+    assert all_finite([torch.tensor(values, dtype=torch.bfloat16)]) is finite  # summed as float32
 
 
 def test_a_checkpoint_never_keeps_weights_that_are_not_finite(tmp_path, fast_args, monkeypatch, capsys):
