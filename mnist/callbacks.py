@@ -239,9 +239,10 @@ class NonFiniteLossGuard(pl.Callback):
     """Stops training at the first NaN or infinite loss or weight, before it reaches a checkpoint.
 
     Lightning would carry on, training and saving a model of NaNs. Checking the loss costs a host sync, which is
-    free on a CPU; on an accelerator, checking every few steps saves that wait at the price of a later stop. Every
-    checkpoint is checked too: a step's loss says nothing of the update it made, and one that overflowed leaves
-    weights that are not finite, which a checkpoint saved at that step's end would keep as the last good one.
+    free on a CPU; on an accelerator, checking every few steps saves that wait at the price of a later stop. The
+    weights are checked too, before every checkpoint and when a validation starts (the checkpoints after it hold
+    those weights): a step's loss says nothing of the update it made, and one that overflowed leaves weights that are
+    not finite, which a checkpoint saved at that step's end would keep as the last good one.
 
     Args:
         check_every_n_steps: Check the loss every this many training steps. By default every step on a CPU, and on
