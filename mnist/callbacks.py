@@ -152,12 +152,11 @@ class ResumableCheckpoint(StopOnSignal, Checkpoint):
     def __init__(self, every_n_train_steps: NonNegativeInt = 0) -> None:
         super().__init__()
         self.every_n_train_steps = every_n_train_steps
-        self._saved_at_step: int | None = None  # the training step of the last full checkpoint, by any callback
         self._last_at_step: int | None = None  # the training step last.ckpt was last written at
         self._keeps_last_of: ModelCheckpoint | None = None  # the checkpoint callback whose last.ckpt this one writes
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._saved_at_step = self._last_at_step = None  # step counts name states only within one fit
+        self._last_at_step = None  # step counts name states only within one fit
         callback = model_checkpoint(trainer)
         if stage == "fit" and callback is not None and callback.save_last is True:
             # With a monitor, Lightning 2.6 writes last.ckpt only at a step where it saves the monitored checkpoint,
@@ -172,9 +171,6 @@ class ResumableCheckpoint(StopOnSignal, Checkpoint):
             self._keeps_last_of.save_last = True
             self._keeps_last_of = None
         super().teardown(trainer, pl_module, stage)
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        self._saved_at_step = trainer.global_step  # Lightning calls this hook for full checkpoints only
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._keeps_last_of is not None and not trainer.fast_dev_run and self._last_at_step != trainer.global_step:
@@ -202,7 +198,7 @@ class ResumableCheckpoint(StopOnSignal, Checkpoint):
         """
         io = trainer.strategy.checkpoint_io
         saved = io.last_full_save if isinstance(io, DurableCheckpointIO) else None
-        if trainer.world_size > 1 or saved is None or self._saved_at_step != trainer.global_step:
+        if trainer.world_size > 1 or saved is None:
             return False
         source, step = saved
         return step == trainer.global_step and source != path and durable_link(source, path)

@@ -78,7 +78,8 @@ class DurableCheckpointIO(TorchCheckpointIO):
     Attributes:
         last_full_save: The local file it wrote last and that checkpoint's training step, if that was a full checkpoint
             (with the optimizer's and the loops' state, not the weights only), so that another name can be linked to
-            it (``mnist.callbacks.ResumableCheckpoint``); None otherwise.
+            it (``mnist.callbacks.ResumableCheckpoint``); None otherwise, and once the fit has ended (a step count names
+            a state only within one fit).
     """
 
     def __init__(self) -> None:
@@ -93,3 +94,7 @@ class DurableCheckpointIO(TorchCheckpointIO):
         durable_write(Path(path), lambda file: torch.save(checkpoint, file))
         if "optimizer_states" in checkpoint and "loops" in checkpoint:
             self.last_full_save = (Path(path), checkpoint.get("global_step"))
+
+    def teardown(self) -> None:
+        self.last_full_save = None  # Lightning's strategy calls this at the end of every fit, also of one that failed
+        super().teardown()

@@ -238,6 +238,21 @@ def test_without_hard_links_last_ckpt_is_saved_in_full(tmp_path, fast_args, monk
     assert not list(checkpoints.glob(".*"))  # no temporary file left
 
 
+def test_the_record_of_the_last_full_save_ends_with_its_fit(tmp_path):
+    # A later fit counts its steps from where it starts: a save of an earlier one at the same step count holds
+    # another state, and last.ckpt must not become a name of it.
+    io = checkpoint_io.DurableCheckpointIO()
+    trainer = plain_trainer(tmp_path, [], plugins=[io], max_steps=2)
+    trainer.fit(BoringModel())
+    trainer.save_checkpoint(tmp_path / "full.ckpt")
+    assert io.last_full_save == (tmp_path / "full.ckpt", 2)
+    trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    assert io.last_full_save is None, "not a full checkpoint"
+    trainer.save_checkpoint(tmp_path / "full.ckpt")
+    trainer.strategy.teardown()
+    assert io.last_full_save is None
+
+
 class FailsAtStep3(BoringModel):
     def training_step(self, batch, batch_idx):
         if self.global_step == 3:
