@@ -100,9 +100,8 @@ class MNISTClassifier(pl.LightningModule):
         # processes. Accuracy is the share of right predictions ("micro"), not torchmetrics' default mean over classes.
         self.train_metrics = LossAccuracy()
         self._train_batches: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss, right) not yet in train_metrics
-        # (steps made before the epoch, batches a step, log_every_n_steps) and the last batch: see _is_curve_step
-        self._epoch_steps: tuple[int, int, int] | None = None
-        self._epoch_last_batch = -1
+        # (steps made before the epoch, batches a step, the epoch's last batch, log_every_n_steps): see _is_curve_step
+        self._epoch_steps: tuple[int, int, float, int] | None = None
         self.val_loss_best = MinMetric()
         self.val_loss_best.persistent(True)  # in checkpoints: a resumed run goes on from the best so far
         for stage in ("val", "test"):
@@ -239,10 +238,10 @@ class MNISTClassifier(pl.LightningModule):
         if self._epoch_steps is None:  # the epoch's first step, or its first after resuming
             trainer = self.trainer
             k = trainer.accumulate_grad_batches
-            self._epoch_steps = (self.global_step - batch_idx // k, k, trainer.log_every_n_steps)
-            self._epoch_last_batch = trainer.num_training_batches - 1
-        before, k, every = self._epoch_steps
-        makes_step = (batch_idx + 1) % k == 0 or batch_idx == self._epoch_last_batch
+            last = trainer.num_training_batches - 1  # inf for a loader without a length
+            self._epoch_steps = (self.global_step - batch_idx // k, k, last, trainer.log_every_n_steps)
+        before, k, last, every = self._epoch_steps
+        makes_step = (batch_idx + 1) % k == 0 or batch_idx == last
         return makes_step and (before + batch_idx // k + 1) % every == 0
 
     def _log_step_curves(self, loss: torch.Tensor) -> None:
