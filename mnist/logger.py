@@ -24,7 +24,6 @@ from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer import record_writer
-from torch.utils.tensorboard.summary import scalar
 from torch.utils.tensorboard.writer import FileWriter
 
 from mnist.crc32c import masked_crc32c
@@ -70,7 +69,8 @@ class StageTensorBoardLogger(TensorBoardLogger):
                 rest[key] = value
                 continue
             value = value.item() if isinstance(value, torch.Tensor) else value
-            by_stage.setdefault(stage, Summary()).value.extend(scalar(name, value).value)
+            # What `torch.utils.tensorboard.summary.scalar` writes, without its trip through numpy (~2 µs a value).
+            by_stage.setdefault(stage, Summary()).value.add(tag=name, simple_value=float(value))
         for stage, summary in by_stage.items():
             self.stage_writer(stage).add_summary(summary, step)
         if rest:

@@ -35,7 +35,8 @@ class LossAccuracy(Metric):
 
     def update(self, losses: Sequence[torch.Tensor], right: Sequence[torch.Tensor]) -> None:
         """Add batches: each one's mean loss (a scalar tensor) and which predictions were right (``(B,)`` bool)."""
-        sizes = [len(r) for r in right]
+        # `shape[0]`, not `len`: Tensor.__len__ is Python that costs ~0.7 µs a call, most of an update's 50 µs.
+        sizes = [r.shape[0] for r in right]
         # Each batch's loss weighs by its size; batches of one size are summed in one operation (all but an epoch's
         # last are of one size). In place: assigning a state goes through nn.Module.__setattr__, which costs more.
         for size in set(sizes):
