@@ -13,6 +13,7 @@ from mnist import checkpoint_io
 from mnist.callbacks import (
     BATCH_HOOKS,
     NonFiniteLossGuard,
+    ProgressBar,
     ResumableCheckpoint,
     all_finite,
     skip_unused_batch_hooks,
@@ -76,13 +77,13 @@ def step_hooks_called(tmp_path, monkeypatch, args: list[str]) -> dict[type, set[
 
 def test_lightning_calls_the_template_callbacks_only_at_the_step_hooks_they_use(tmp_path, fast_args, monkeypatch):
     called = step_hooks_called(tmp_path, monkeypatch, fast_args)
-    assert {TQDMProgressBar, ModelCheckpoint, ResumableCheckpoint, NonFiniteLossGuard} <= called.keys()
+    assert {ProgressBar, ModelCheckpoint, ResumableCheckpoint, NonFiniteLossGuard} <= called.keys()
     # The checkpoints save at epoch ends only, and one process has nothing to agree on: no work at a step.
     idle = {ModelCheckpoint, ResumableCheckpoint}
     for kind, hooks in called.items():
         uses = {h for h in STEP_HOOKS if getattr(kind, h) is not getattr(pl.Callback, h)}
         assert hooks == (uses - {"on_train_batch_end"} if kind in idle else uses), kind.__name__
-    assert called[NonFiniteLossGuard] == called[TQDMProgressBar] == {"on_train_batch_end"}
+    assert called[NonFiniteLossGuard] == called[ProgressBar] == {"on_train_batch_end"}
 
 
 def test_a_run_that_asks_for_no_profiler_gets_one_that_does_nothing(tmp_path, fast_args, monkeypatch):
@@ -138,6 +139,46 @@ def test_the_guard_checks_the_loss_at_every_step_on_a_cpu_and_at_logging_steps_e
     trainer = plain_trainer(tmp_path, [NonFiniteLossGuard()], max_steps=20, log_every_n_steps=5)
     with pytest.raises(UserError, match=f"training stopped at step {stopped_at} .*the loss is nan"):
         trainer.fit(model())
+
+
+class ShowsItsStep(BoringModel):
+    def training_step(self, batch, batch_idx: int):
+        self.log("seen", float(batch_idx), prog_bar=True)  # a value beside the bar that changes at every step
+        return super().training_step(batch, batch_idx)
+
+
+def training_bar_draws(tmp_path, bar: TQDMProgressBar) -> list[list[tuple[int, str]]]:
+    """For every training step of a fit, what the training bar showed (count, values) at each draw of the step."""
+    steps = []
+    hook = bar.on_train_batch_end
+
+    def recording(trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        shown, tqdm_bar = [], bar.train_progress_bar
+        draw = tqdm_bar.refresh
+        tqdm_bar.refresh = lambda *args, **kwargs: (shown.append((tqdm_bar.n, tqdm_bar.postfix)), draw(*args, **kwargs))
+        try:
+            hook(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            del tqdm_bar.refresh
+        steps.append(shown)
+
+    bar.on_train_batch_end = recording
+    trainer = plain_trainer(tmp_path, [bar], enable_progress_bar=True, max_epochs=2, limit_train_batches=7)
+    trainer.fit(ShowsItsStep())
+    return steps
+
+
+@pytest.mark.parametrize("refresh_rate", [3, 0])
+def test_the_progress_bar_draws_once_what_lightnings_draws_twice(tmp_path, refresh_rate):
+    lightning = training_bar_draws(tmp_path, TQDMProgressBar(refresh_rate=refresh_rate))
+    ours = training_bar_draws(tmp_path, ProgressBar(refresh_rate=refresh_rate))
+    assert len(ours) == len(lightning) == 14
+    # Lightning draws the new count with the old values, then both; this bar only the second.
+    assert ours == [draws[-1:] for draws in lightning]
+    drawn_at = [n for draws in ours for n, _ in draws]
+    assert drawn_at == ([3, 6, 7] * 2 if refresh_rate else [])
+    if refresh_rate:
+        assert ours[2] == [(3, "seen=2.000")]
 
 
 def test_checkpoints_saving_every_n_steps_are_called_at_every_step(tmp_path, fast_args, monkeypatch):
