@@ -66,7 +66,9 @@ class ProgressBar(TQDMProgressBar):
         leave: Keep each epoch's training bar on screen instead of redrawing one bar.
     """
 
-    def __init__(self, refresh_rate: NonNegativeInt = 1, process_position: NonNegativeInt = 0, leave: bool = False):
+    def __init__(
+        self, refresh_rate: NonNegativeInt = 1, process_position: NonNegativeInt = 0, leave: bool = False
+    ) -> None:
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
         self._draw_every = 0  # the training bar's refresh rate in this epoch; 0: not drawn
         self._last_batch: int | None = None  # the epoch's batch count, drawn too; None when unknown
