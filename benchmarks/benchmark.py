@@ -234,9 +234,14 @@ def pl_version() -> str:
     return importlib.metadata.version("pytorch-lightning")
 
 
-def ratio(value: float, reference: float) -> str:
+def factor_text(factor: float) -> str:
+    """A factor as the tables print it; a dash where there is none (NaN)."""
     # Three decimals: the template's target is 1.10 × bare Lightning, and 1.104 must not read as met.
-    return "–" if math.isnan(reference) else f"{value / reference:.3f} ×"
+    return "–" if math.isnan(factor) else f"{factor:.3f} ×"
+
+
+def ratio(value: float, reference: float) -> str:
+    return factor_text(value / reference)  # NaN where there is no reference
 
 
 def paired_ratio(runs: list[list[float]], reference: list[list[float]]) -> float:
@@ -316,8 +321,8 @@ def table(
         if bare_key in times and name != "tutorial":  # the tutorial runs alone: it has no epochs beside bare's
             paired = paired_ratio(times[key], times[bare_key])
             quiet, n = quiet_paired_ratio(times[key], times[bare_key], steps[key], steps[bare_key])
-        paired = "–" if math.isnan(paired) else f"{paired:.3f} ×"
-        quiet = "–" if math.isnan(quiet) else f"{quiet:.3f} × ({n})"
+        paired = factor_text(paired)
+        quiet = "–" if math.isnan(quiet) else f"{factor_text(quiet)} ({n})"
         bare_step = ratio(step, lowest(bare_key))
         epochs = sum(len(run_) for run_ in times[key])
         lines.append(

@@ -68,8 +68,8 @@ class StageTensorBoardLogger(TensorBoardLogger):
             if not name:
                 rest[key] = value
                 continue
-            value = value.item() if isinstance(value, torch.Tensor) else value
-            # What `torch.utils.tensorboard.summary.scalar` writes, without its trip through numpy (~2 µs a value).
+            # What `torch.utils.tensorboard.summary.scalar` writes, without its trip through numpy (~2 µs a value);
+            # float() takes a number or a one-element tensor alike.
             by_stage.setdefault(stage, Summary()).value.add(tag=name, simple_value=float(value))
         for stage, summary in by_stage.items():
             self.stage_writer(stage).add_summary(summary, step)
