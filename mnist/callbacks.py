@@ -33,9 +33,36 @@ def skip_unused_batch_hooks(callbacks: list[pl.Callback]) -> None:
     Lightning-AI/pytorch-lightning#10575); should Lightning ever call a None hook, every run fails at once.
     """
     for callback in callbacks:
-        for name in BATCH_HOOKS:
-            if getattr(type(callback), name) is getattr(pl.Callback, name) and name not in vars(callback):
-                setattr(callback, name, None)
+        _skip_unused(callback, pl.Callback, BATCH_HOOKS)
+
+
+# The module's hooks of a training step that return nothing. Lightning reads the signatures of the evaluation batch
+# hooks (for a `dataloader_idx` argument) before it runs them, so those are left alone.
+MODULE_STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+)
+
+
+def skip_unused_step_hooks(module: pl.LightningModule) -> None:
+    """Keep Lightning from calling the module at the training-step hooks it leaves as ``LightningModule``'s empty ones.
+
+    Lightning calls the module at six such hooks every training step, each in a profiler context and with the module's
+    current hook name set and restored through ``nn.Module.__setattr__``: ~190 Python calls a step for nothing in
+    this project's model, ~2 % of the MLP's step at batch 32 on a CPU. Skipped as `skip_unused_batch_hooks` skips a
+    callback's hooks (the same upstream discussion); a subclass's own hooks stay.
+    """
+    _skip_unused(module, pl.LightningModule, MODULE_STEP_HOOKS)
+
+
+def _skip_unused(instance: object, base: type, hooks: tuple[str, ...]) -> None:
+    for name in hooks:
+        if getattr(type(instance), name) is getattr(base, name) and name not in vars(instance):
+            setattr(instance, name, None)
 
 
 def skip_idle_checkpoint_batch_hook(

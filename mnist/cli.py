@@ -31,6 +31,7 @@ from mnist.callbacks import (
     model_checkpoint,
     skip_idle_checkpoint_batch_hook,
     skip_unused_batch_hooks,
+    skip_unused_step_hooks,
 )
 from mnist.checkpoint_io import DurableCheckpointIO
 from mnist.console import quiet_console
@@ -229,6 +230,7 @@ class MNISTCLI(LightningCLI):
         trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
         # All of them, LightningCLI's config saver and the caller's own included.
         skip_unused_batch_hooks(trainer.callbacks)
+        skip_unused_step_hooks(self.model)  # built before the trainer (LightningCLI.instantiate_classes)
         if init["checkpoint"] in trainer.callbacks:
             saving = self.config[self.subcommand].checkpoint
             skip_idle_checkpoint_batch_hook(init["checkpoint"], saving.every_n_train_steps, saving.train_time_interval)

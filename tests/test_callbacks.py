@@ -12,11 +12,13 @@ from pytorch_lightning.profilers import SimpleProfiler
 from mnist import checkpoint_io
 from mnist.callbacks import (
     BATCH_HOOKS,
+    MODULE_STEP_HOOKS,
     NonFiniteLossGuard,
     ProgressBar,
     ResumableCheckpoint,
     all_finite,
     skip_unused_batch_hooks,
+    skip_unused_step_hooks,
 )
 from mnist.checkpoint_io import durable_write
 from mnist.cli import MNISTCLI
@@ -64,6 +66,34 @@ def test_skipped_hooks_leave_the_ones_a_callback_uses_running(tmp_path):
         assert callback.calls == {"on_train_batch_end": 5, "on_after_backward": 5}
 
 
+class CountingModel(BoringModel):
+    """Counts the one training-step hook its class overrides, and its validation steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_ends = self.validation_steps = 0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.batch_ends += 1
+
+    def validation_step(self, batch, batch_idx: int):
+        self.validation_steps += 1
+        return super().validation_step(batch, batch_idx)
+
+
+def test_skipped_module_hooks_leave_its_own_and_the_evaluation_hooks_running(tmp_path):
+    model = CountingModel()
+    skip_unused_step_hooks(model)
+    assert model.on_before_backward is None and model.on_train_batch_start is None
+    # Lightning reads the evaluation hooks' signatures: they must stay methods.
+    assert callable(model.on_validation_batch_end)
+    trainer = plain_trainer(
+        tmp_path, [], max_steps=5, limit_val_batches=2, val_check_interval=5, num_sanity_val_steps=0
+    )
+    trainer.fit(model)
+    assert model.batch_ends == 5 and model.validation_steps == 2
+
+
 def step_hooks_called(tmp_path, monkeypatch, args: list[str]) -> dict[type, set[str]]:
     """The training-step hooks at which Lightning called each callback of a fit, by the callback's class."""
     # Lightning profiles every callback hook it calls, under "[Callback]<state key>.<hook>".
@@ -84,6 +114,17 @@ def test_lightning_calls_the_template_callbacks_only_at_the_step_hooks_they_use(
         uses = {h for h in STEP_HOOKS if getattr(kind, h) is not getattr(pl.Callback, h)}
         assert hooks == (uses - {"on_train_batch_end"} if kind in idle else uses), kind.__name__
     assert called[NonFiniteLossGuard] == called[ProgressBar] == {"on_train_batch_end"}
+
+
+def test_lightning_calls_the_template_model_at_no_empty_step_hook(tmp_path, fast_args, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+    cli = MNISTCLI(args=["fit", *fast_args, "--trainer.profiler", "simple"])
+    called = {
+        name.removeprefix("[LightningModule]MNISTClassifier.") for name in cli.trainer.profiler.recorded_durations
+    }
+    assert {"optimizer_step", "on_train_epoch_start", "on_validation_batch_end"} <= called
+    assert not called & set(MODULE_STEP_HOOKS)
 
 
 def test_a_run_that_asks_for_no_profiler_gets_one_that_does_nothing(tmp_path, fast_args, monkeypatch):
