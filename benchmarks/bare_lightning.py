@@ -2,9 +2,10 @@
 
 No logger, progress bar, checkpoints, metrics or model summary; validation computes the accuracy as the plain loop
 does. It measures what Lightning's training loop itself costs per step on this machine, the floor under the
-template's own overhead.
+template's own overhead. With ``--trimmed``, Lightning's loop is trimmed as the template trims it (a profiler that
+does nothing, the module's empty step hooks skipped): the floor under what the template's features add.
 
-python benchmarks/bare_lightning.py --data_dir data --batch_size 32 --epochs 3 --timer times.jsonl
+python benchmarks/bare_lightning.py --data_dir data --batch_size 32 --epochs 3 --timer times.jsonl [--trimmed]
 """
 
 import sys
@@ -14,12 +15,13 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from epoch_timer import EpochTimer
-from plain_loop import arguments, train_and_val
+from plain_loop import argument_parser, train_and_val
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mnist.callbacks import skip_unused_batch_hooks  # noqa: E402
+from mnist.callbacks import skip_unused_batch_hooks, skip_unused_step_hooks  # noqa: E402
 from mnist.loader import BatchLoader, EpochSampler  # noqa: E402
 from mnist.networks import MLP  # noqa: E402
+from mnist.profiler import NullProfiler  # noqa: E402
 
 
 class Bare(pl.LightningModule):
@@ -40,14 +42,23 @@ class Bare(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def fit(data: tuple[torch.Tensor, ...], batch_size: int, callbacks: list[pl.Callback], **trainer_args) -> None:
-    """Train ``Bare`` on ``train_and_val``'s tensors with a Trainer that has nothing of its own switched on."""
+def fit(
+    data: tuple[torch.Tensor, ...], batch_size: int, callbacks: list[pl.Callback], trimmed: bool = False, **trainer_args
+) -> None:
+    """Train ``Bare`` on ``train_and_val``'s tensors with a Trainer that has nothing of its own switched on.
+
+    ``trimmed``: with Lightning's loop trimmed as the template's command line trims it (``mnist.cli``).
+    """
     train_x, train_y, val_x, val_y = data
     # The measuring callbacks (timer, call counter) cost the same here as in the template, which skips the batch
     # hooks a callback leaves empty.
     skip_unused_batch_hooks(callbacks)
     train = BatchLoader(train_x, train_y, batch_size, EpochSampler(len(train_y), shuffle=True))
     val = BatchLoader(val_x, val_y, batch_size)
+    module = Bare()
+    if trimmed:
+        trainer_args.setdefault("profiler", NullProfiler())
+        skip_unused_step_hooks(module)
     trainer = pl.Trainer(
         logger=False,
         enable_progress_bar=False,
@@ -57,16 +68,19 @@ def fit(data: tuple[torch.Tensor, ...], batch_size: int, callbacks: list[pl.Call
         callbacks=callbacks,
         **trainer_args,
     )
-    trainer.fit(Bare(), train, val)
+    trainer.fit(module, train, val)
 
 
 def main() -> None:
-    args = arguments(__doc__)
+    parser = argument_parser(__doc__)
+    parser.add_argument("--trimmed", action="store_true", help="Lightning's loop trimmed as the template trims it")
+    args = parser.parse_args()
     torch.manual_seed(0)
     # The data where the model trains (the GPU when there is one), as the template keeps it.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = tuple(t.to(device) for t in train_and_val(args.data_dir))
-    fit(data, args.batch_size, [EpochTimer(args.timer)], max_epochs=args.epochs, precision=args.precision)
+    timer = [EpochTimer(args.timer)]
+    fit(data, args.batch_size, timer, args.trimmed, max_epochs=args.epochs, precision=args.precision)
 
 
 if __name__ == "__main__":

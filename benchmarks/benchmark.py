@@ -107,6 +107,8 @@ CONTENDERS = {
     "tutorial": "tutorial",
     "plain": "plain loop",
     "bare": "bare Lightning",
+    # Lightning's loop trimmed as the template's command line trims it: the floor under what its features add.
+    "trimmed": "bare Lightning, trimmed",
     "template": "template",
     "compiled": "template, compiled",
 }
@@ -178,10 +180,11 @@ def measure_epochs(
                     script = ["--data_dir", str(data_dir), "--timer", str(timer)]
                     if kind == "tutorial":
                         command = [sys.executable, str(HERE / "tutorial.py"), *script, "--epochs", "1"]
-                    elif kind in ("plain", "bare"):
+                    elif kind in ("plain", "bare", "trimmed"):
                         sizes = ["--batch_size", str(batch), "--epochs", str(epochs), "--precision", precision]
                         script_file = HERE / ("plain_loop.py" if kind == "plain" else "bare_lightning.py")
-                        command = [sys.executable, str(script_file), *script, *sizes]
+                        trimmed = ["--trimmed"] if kind == "trimmed" else []
+                        command = [sys.executable, str(script_file), *script, *sizes, *trimmed]
                     else:
                         sizes = ["--data.batch_size", str(batch), "--trainer.max_epochs", str(epochs)]
                         compiled = ["--model.compile", "true"] if kind == "compiled" else []
@@ -351,7 +354,7 @@ def main() -> None:
     parser.add_argument(
         "--contenders",
         nargs="+",
-        default=["tutorial", "plain", "bare", "template"],
+        default=["tutorial", "plain", "bare", "trimmed", "template"],
         choices=list(CONTENDERS),
         help="which to time (compiled: the template with --model.compile true, as --compile adds)",
     )

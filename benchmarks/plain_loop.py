@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mnist.networks import MLP  # noqa: E402
 
 
-def arguments(description: str) -> argparse.Namespace:
+def argument_parser(description: str) -> argparse.ArgumentParser:
     """The command line of this loop and of bare_lightning.py."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data_dir", default="data")
@@ -30,7 +30,7 @@ def arguments(description: str) -> argparse.Namespace:
         choices=["32-true", "bf16-mixed"],
         help="bf16-mixed: the forward pass under bf16 autocast, as Lightning's precision plugin does",
     )
-    return parser.parse_args()
+    return parser
 
 
 def train_and_val(data_dir: str) -> tuple[torch.Tensor, ...]:
@@ -44,7 +44,7 @@ def train_and_val(data_dir: str) -> tuple[torch.Tensor, ...]:
 
 
 def main() -> None:
-    args = arguments(__doc__)
+    args = argument_parser(__doc__).parse_args()
     torch.manual_seed(0)
     # On the GPU when there is one, data included, as the template runs there.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

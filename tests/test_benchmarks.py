@@ -15,12 +15,13 @@ from pytorch_lightning.demos.boring_classes import BoringModel
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("script", ["plain_loop.py", "bare_lightning.py"])
+@pytest.mark.parametrize("script", ["plain_loop.py", "bare_lightning.py", "bare_lightning.py --trimmed"])
 def test_benchmark_contender_runs_and_records_its_epochs(tmp_path, mnist_dir, script):
     timer = tmp_path / "times.jsonl"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}"}
+    script, *flags = script.split()
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--data_dir", str(mnist_dir), "--batch_size", "64",
+        [sys.executable, str(ROOT / "benchmarks" / script), *flags, "--data_dir", str(mnist_dir), "--batch_size", "64",
          "--epochs", "2", "--timer", str(timer)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -41,12 +42,14 @@ def test_step_calls_counts_what_the_template_adds_per_step(tmp_path, mnist_dir):
     assert result.returncode == 0, result.stderr
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in result.stdout.splitlines() if "|" in line}
     calls = {name: float(cells[1]) for name, cells in rows.items() if name not in ("run", "---")}
-    assert set(calls) == {"bare Lightning", "template (config.yaml)", "template, no progress bar",
-                          "template, no checkpointing", "template, no logger",
+    assert set(calls) == {"bare Lightning", "bare Lightning, trimmed", "template (config.yaml)",
+                          "template, no progress bar", "template, no checkpointing", "template, no logger",
                           "template, Lightning's default profiler"}  # fmt: skip
-    # The template makes more calls than bare Lightning, and fewer with its progress bar or checkpointing off; with
-    # Lightning's default profiler, which bare Lightning keeps, more than with its own.
-    assert calls["bare Lightning"] < calls["template (config.yaml)"]
+    # Trimmed as the template trims it, Lightning's loop makes fewer calls, and the template more than that (its
+    # features), and fewer with its progress bar or checkpointing off; with Lightning's default profiler, which bare
+    # Lightning keeps, more than with its own.
+    assert calls["bare Lightning, trimmed"] < calls["bare Lightning"]
+    assert calls["bare Lightning, trimmed"] < calls["template (config.yaml)"]
     assert calls["template, no progress bar"] < calls["template (config.yaml)"]
     assert calls["template, no checkpointing"] < calls["template (config.yaml)"]
     assert calls["template (config.yaml)"] < calls["template, Lightning's default profiler"]
@@ -172,11 +175,12 @@ def test_the_benchmark_times_the_contenders_asked_for(tmp_path, mnist_dir, monke
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from benchmark import measure_epochs
 
-    times, steps = measure_epochs(mnist_dir, 1, 3, ["plain", "bare"], [64], ["32-true"], lambda *_: None)
+    times, steps = measure_epochs(mnist_dir, 1, 3, ["plain", "bare", "trimmed"], [64], ["32-true"], lambda *_: None)
     # Each run's first epoch (warm-up) is left out.
     assert {key: [len(run) for run in runs] for key, runs in times.items()} == {
         "plain loop|64|32-true": [2],
         "bare Lightning|64|32-true": [2],
+        "bare Lightning, trimmed|64|32-true": [2],
     }
     assert all(t > 0 for runs in times.values() for run in runs for t in run)
 
