@@ -58,7 +58,7 @@ def fit(
     module = Bare()
     if trimmed:
         trainer_args.setdefault("profiler", NullProfiler())
-        skip_unused_step_hooks(module)
+        skip_unused_step_hooks(module, clips_gradients=False)
     trainer = pl.Trainer(
         logger=False,
         enable_progress_bar=False,

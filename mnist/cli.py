@@ -230,7 +230,8 @@ class MNISTCLI(LightningCLI):
         trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
         # All of them, LightningCLI's config saver and the caller's own included.
         skip_unused_batch_hooks(trainer.callbacks)
-        skip_unused_step_hooks(self.model)  # built before the trainer (LightningCLI.instantiate_classes)
+        # The model is built before the trainer (LightningCLI.instantiate_classes).
+        skip_unused_step_hooks(self.model, clips_gradients=bool(trainer.gradient_clip_val))
         if init["checkpoint"] in trainer.callbacks:
             saving = self.config[self.subcommand].checkpoint
             skip_idle_checkpoint_batch_hook(init["checkpoint"], saving.every_n_train_steps, saving.train_time_interval)

@@ -83,8 +83,9 @@ class CountingModel(BoringModel):
 
 def test_skipped_module_hooks_leave_its_own_and_the_evaluation_hooks_running(tmp_path):
     model = CountingModel()
-    skip_unused_step_hooks(model)
+    skip_unused_step_hooks(model, clips_gradients=False)
     assert model.on_before_backward is None and model.on_train_batch_start is None
+    assert model.configure_gradient_clipping is None
     # Lightning reads the evaluation hooks' signatures: they must stay methods.
     assert callable(model.on_validation_batch_end)
     trainer = plain_trainer(
@@ -116,15 +117,19 @@ def test_lightning_calls_the_template_callbacks_only_at_the_step_hooks_they_use(
     assert called[NonFiniteLossGuard] == called[ProgressBar] == {"on_train_batch_end"}
 
 
-def test_lightning_calls_the_template_model_at_no_empty_step_hook(tmp_path, fast_args, monkeypatch):
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_lightning_calls_the_template_model_at_no_empty_step_hook(tmp_path, fast_args, monkeypatch, clip):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["main.py"])
-    cli = MNISTCLI(args=["fit", *fast_args, "--trainer.profiler", "simple"])
+    clipping = ["--trainer.gradient_clip_val", str(clip)] if clip else []
+    cli = MNISTCLI(args=["fit", *fast_args, "--trainer.profiler", "simple", *clipping])
     called = {
         name.removeprefix("[LightningModule]MNISTClassifier.") for name in cli.trainer.profiler.recorded_durations
     }
     assert {"optimizer_step", "on_train_epoch_start", "on_validation_batch_end"} <= called
     assert not called & set(MODULE_STEP_HOOKS)
+    # Lightning clips in the module's hook: called when clipping is asked for, and only then.
+    assert ("configure_gradient_clipping" in called) == bool(clip)
 
 
 def test_a_run_that_asks_for_no_profiler_gets_one_that_does_nothing(tmp_path, fast_args, monkeypatch):
