@@ -95,14 +95,21 @@ def test_skipped_module_hooks_leave_its_own_and_the_evaluation_hooks_running(tmp
     assert model.batch_ends == 5 and model.validation_steps == 2
 
 
-def step_hooks_called(tmp_path, monkeypatch, args: list[str]) -> dict[type, set[str]]:
-    """The training-step hooks at which Lightning called each callback of a fit, by the callback's class."""
-    # Lightning profiles every callback hook it calls, under "[Callback]<state key>.<hook>".
+def profiled_fit(tmp_path, monkeypatch, args: list[str]) -> tuple[MNISTCLI, set[str]]:
+    """A fit through the command line, and every hook Lightning called in it, as its profiler names them.
+
+    Lightning profiles each hook it calls: "[Callback]<state key>.<hook>", "[LightningModule]<class>.<hook>".
+    """
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["main.py"])
-    cli = MNISTCLI(args=["fit", *args, "--trainer.enable_progress_bar", "true", "--trainer.profiler", "simple"])
+    cli = MNISTCLI(args=["fit", *args, "--trainer.profiler", "simple"])
     assert isinstance(cli.trainer.profiler, SimpleProfiler)
-    called = set(cli.trainer.profiler.recorded_durations)
+    return cli, set(cli.trainer.profiler.recorded_durations)
+
+
+def step_hooks_called(tmp_path, monkeypatch, args: list[str]) -> dict[type, set[str]]:
+    """The training-step hooks at which Lightning called each callback of a fit, by the callback's class."""
+    cli, called = profiled_fit(tmp_path, monkeypatch, [*args, "--trainer.enable_progress_bar", "true"])
     return {type(c): {h for h in STEP_HOOKS if f"[Callback]{c.state_key}.{h}" in called} for c in cli.trainer.callbacks}
 
 
@@ -119,13 +126,9 @@ def test_lightning_calls_the_template_callbacks_only_at_the_step_hooks_they_use(
 
 @pytest.mark.parametrize("clip", [None, 0.5])
 def test_lightning_calls_the_template_model_at_no_empty_step_hook(tmp_path, fast_args, monkeypatch, clip):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["main.py"])
     clipping = ["--trainer.gradient_clip_val", str(clip)] if clip else []
-    cli = MNISTCLI(args=["fit", *fast_args, "--trainer.profiler", "simple", *clipping])
-    called = {
-        name.removeprefix("[LightningModule]MNISTClassifier.") for name in cli.trainer.profiler.recorded_durations
-    }
+    _, profiled = profiled_fit(tmp_path, monkeypatch, [*fast_args, *clipping])
+    called = {name.removeprefix("[LightningModule]MNISTClassifier.") for name in profiled}
     assert {"optimizer_step", "on_train_epoch_start", "on_validation_batch_end"} <= called
     assert not called & set(MODULE_STEP_HOOKS)
     # Lightning clips in the module's hook: called when clipping is asked for, and only then.
